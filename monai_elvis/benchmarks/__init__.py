@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: ``python -m monai_elvis.benchmarks {losses} [--json]``."""

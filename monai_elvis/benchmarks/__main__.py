@@ -1,0 +1,57 @@
+"""Command line of the benchmarks: ``python -m monai_elvis.benchmarks losses [--json] [--repeats N]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _table(records: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in records)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in records]
+    return "\n".join(lines)
+
+
+def _losses(args: argparse.Namespace) -> None:
+    from monai_elvis.benchmarks.losses import LOSS_NAMES, run_loss_benchmark
+
+    def progress(rec: dict) -> None:
+        if not args.json:
+            print(f"  {rec['loss']:<18} B={rec['batch']:<3} {rec['regions']:<6} d={rec['dim']:<4} "
+                  f"fwd {rec['fwd_ms']:9.2f} ms  fwd+bwd {rec['fwd_bwd_ms']:9.2f} ms", file=sys.stderr, flush=True)
+
+    records = run_loss_benchmark(
+        losses=tuple(args.loss or LOSS_NAMES),
+        batches=tuple(args.batch),
+        grids=tuple(args.grid),
+        dims=tuple(args.dim),
+        repeats=args.repeats,
+        threads=args.threads,
+        progress=progress,
+    )
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(_table(records, ["loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m monai_elvis.benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("losses", help="forward and forward+backward time of the objectives, one thread")
+    p.add_argument("--json", action="store_true", help="print a JSON list of records instead of a table")
+    p.add_argument("--loss", action="append", help="only this loss (repeatable)")
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--grid", type=int, nargs="+", default=[7, 14], help="region grid side (7 -> 7x7)")
+    p.add_argument("--dim", type=int, nargs="+", default=[128, 768])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_losses)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

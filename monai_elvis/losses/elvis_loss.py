@@ -1,0 +1,89 @@
+"""The combined pre-training objective: global contrast plus a local alignment term."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from monai_elvis.keys import OutKeys
+from monai_elvis.losses.global_contrastive import GlobalContrastiveLoss
+from monai_elvis.losses.gloria import GloriaLocalLoss
+from monai_elvis.losses.local_alignment import LocalAlignmentLoss
+
+__all__ = ["ElvisLoss"]
+
+
+class ElvisLoss(nn.Module):
+    """``loss = global_weight * global + local_weight * local`` over the output dict of :class:`ElvisNet`.
+
+    One class serves every objective of the toolkit through its arguments:
+
+    - ELVIS: ``local_loss=LocalAlignmentLoss(target="intra_modal")`` (the default);
+    - LoVT-style: ``LocalAlignmentLoss(target="spatial")``; one-hot locality: ``target="one_hot"``;
+    - GLoRIA: ``local_loss=GloriaLocalLoss()`` (on projected tokens and regions);
+    - ConVIRT (global only): ``local_loss=None``.
+
+    Args:
+        global_loss: defaults to :class:`GlobalContrastiveLoss` with its defaults.
+        local_loss: a :class:`LocalAlignmentLoss`, a :class:`GloriaLocalLoss` or ``None``.
+        global_weight: weight of the global term; 0 skips it.
+        local_weight: weight of the local term; 0 skips it.
+
+    ``forward(outputs)`` takes the dict keyed by :class:`~monai_elvis.keys.OutKeys` and returns a dict of
+    scalars: ``global``, ``local`` (with ``local_region`` and ``local_sentence`` for a
+    :class:`LocalAlignmentLoss`) for the terms that are on, and ``loss``, the weighted total.
+    """
+
+    def __init__(
+        self,
+        global_loss: GlobalContrastiveLoss | None = None,
+        local_loss: LocalAlignmentLoss | GloriaLocalLoss | None = None,
+        global_weight: float = 1.0,
+        local_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.global_loss = global_loss if global_loss is not None else GlobalContrastiveLoss()
+        if local_loss is not None and not isinstance(local_loss, (LocalAlignmentLoss, GloriaLocalLoss)):
+            raise TypeError(f"local_loss must be a LocalAlignmentLoss, a GloriaLocalLoss or None, got {local_loss!r}.")
+        self.local_loss = local_loss
+        self.global_weight = global_weight
+        self.local_weight = local_weight
+        if global_weight == 0 and (local_loss is None or local_weight == 0):
+            raise ValueError("ElvisLoss has no term: set global_weight or give a local_loss with local_weight > 0.")
+
+    @staticmethod
+    def _get(outputs: Mapping, key: str) -> torch.Tensor:
+        if key not in outputs:
+            raise KeyError(f"ElvisLoss needs '{key}' in the network outputs; got keys {sorted(outputs)}.")
+        return outputs[key]
+
+    def forward(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        o, terms = outputs, {}
+        total = None
+        if self.global_weight != 0:
+            terms["global"] = self.global_loss(self._get(o, OutKeys.IMAGE_GLOBAL), self._get(o, OutKeys.TEXT_GLOBAL))
+            total = self.global_weight * terms["global"]
+        if self.local_loss is not None and self.local_weight != 0:
+            if isinstance(self.local_loss, GloriaLocalLoss):
+                terms["local"] = self.local_loss(
+                    self._get(o, OutKeys.TEXT_TOKEN), self._get(o, OutKeys.IMAGE_LOCAL), o.get(OutKeys.TOKEN_MASK)
+                )
+            else:
+                region, sentence = self.local_loss.directional_losses(
+                    image_local=self._get(o, OutKeys.IMAGE_LOCAL),
+                    image_attended=self._get(o, OutKeys.IMAGE_LOCAL_ATTENDED),
+                    text_local=self._get(o, OutKeys.TEXT_SENTENCE),
+                    text_attended=self._get(o, OutKeys.TEXT_SENTENCE_ATTENDED),
+                    sentence_mask=o.get(OutKeys.SENTENCE_MASK),
+                    image_local_pre=o.get(OutKeys.IMAGE_LOCAL_PRE),
+                    text_local_pre=o.get(OutKeys.TEXT_SENTENCE_PRE),
+                    grid_size=o.get(OutKeys.IMAGE_GRID),
+                )
+                terms["local_region"], terms["local_sentence"] = region, sentence
+                terms["local"] = self.local_loss.region_weight * region + self.local_loss.sentence_weight * sentence
+            local = self.local_weight * terms["local"]
+            total = local if total is None else total + local
+        terms["loss"] = total
+        return terms

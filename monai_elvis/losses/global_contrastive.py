@@ -1,0 +1,77 @@
+"""Global image-report contrastive loss (ConVIRT / CLIP style symmetric InfoNCE)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.loss import _Loss
+
+from monai_elvis.utils import l2_normalize, check_batch, check_ndim
+
+__all__ = ["GlobalContrastiveLoss"]
+
+
+class GlobalContrastiveLoss(_Loss):
+    """Symmetric InfoNCE between global image and report embeddings across the batch.
+
+    ``logits_ij = cos(v_i, t_j) / temperature``;
+    ``loss = image_to_text_weight * CE(logits, diag) + text_to_image_weight * CE(logits^T, diag)``.
+
+    References: Zhang et al., "Contrastive Learning of Medical Visual Representations from Paired Images and
+    Text" (ConVIRT), 2020; Radford et al., "Learning Transferable Visual Models From Natural Language
+    Supervision" (CLIP), 2021.
+
+    Args:
+        temperature: the initial (or fixed) temperature.
+        learnable_temperature: learn ``log(1 / temperature)`` as a parameter (CLIP); it is clamped so that the
+            logit scale stays at most ``max_logit_scale``.
+        image_to_text_weight: weight of the image -> report direction.
+        text_to_image_weight: weight of the report -> image direction.
+        max_logit_scale: upper bound of ``1 / temperature`` when learnable.
+
+    Shapes: ``image [B, d]``, ``text [B, d]`` -> scalar. Computed in float32 (also under autocast).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        learnable_temperature: bool = False,
+        image_to_text_weight: float = 0.5,
+        text_to_image_weight: float = 0.5,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+        self.image_to_text_weight = image_to_text_weight
+        self.text_to_image_weight = text_to_image_weight
+        self.max_logit_scale = max_logit_scale
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable_temperature:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self.logit_scale().detach())
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        check_ndim(image, "image", 2, "[B, d]")
+        check_ndim(text, "text", 2, "[B, d]")
+        b = check_batch([("image", image), ("text", text)])
+        if image.shape[1] != text.shape[1]:
+            raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} differ in embedding size.")
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            v = l2_normalize(image.float(), dim=-1)
+            t = l2_normalize(text.float(), dim=-1)
+            logits = v @ t.T * self.logit_scale()
+            target = torch.arange(b, device=image.device)
+            loss = self.image_to_text_weight * F.cross_entropy(logits, target)
+            return loss + self.text_to_image_weight * F.cross_entropy(logits.T, target)

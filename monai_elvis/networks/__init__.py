@@ -1,0 +1,17 @@
+"""Networks of monai-elvis: encoders, projection heads, cross-modal attention and :class:`ElvisNet`."""
+
+from monai_elvis.networks.elvis_net import ElvisNet
+from monai_elvis.networks.heads import CrossModalAttention, ProjectionHead
+from monai_elvis.networks.image_encoder import RESNET_ARCHS, CXRImageEncoder
+from monai_elvis.networks.text_encoder import TINY_BERT_CONFIG, ReportTextEncoder, pool_sentences
+
+__all__ = [
+    "CXRImageEncoder",
+    "RESNET_ARCHS",
+    "ReportTextEncoder",
+    "TINY_BERT_CONFIG",
+    "pool_sentences",
+    "ProjectionHead",
+    "CrossModalAttention",
+    "ElvisNet",
+]

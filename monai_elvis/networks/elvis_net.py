@@ -1,0 +1,101 @@
+"""ElvisNet: the dual encoder of ELVIS with projection heads and cross-modal attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from monai_elvis.keys import OutKeys
+from monai_elvis.networks.heads import CrossModalAttention, ProjectionHead
+from monai_elvis.networks.image_encoder import CXRImageEncoder
+from monai_elvis.networks.text_encoder import ReportTextEncoder
+
+__all__ = ["ElvisNet"]
+
+
+class ElvisNet(nn.Module):
+    """Image and report encoders, projection heads and cross-modal attention in one forward.
+
+    Args:
+        image_encoder: returns ``(local [B, N, C], global [B, C])``; a :class:`CXRImageEncoder` by default
+            (tiny resnet18, 1 channel). Its ``out_channels`` gives ``C``.
+        text_encoder: a :class:`ReportTextEncoder` (tiny BERT by default). Its ``hidden_size`` gives ``D``.
+        embed_dim: the shared embedding size ``d``.
+        projection_layers: linear layers in each projection head.
+        attention_temperature: of :class:`CrossModalAttention` (``None``: ``sqrt(d)``).
+
+    ``forward(image [B, c, H, W], input_ids [B, L], attention_mask [B, L], sentence_index [B, L])`` returns a dict
+    keyed by :class:`~monai_elvis.keys.OutKeys`: pre- and post-projection global and local features of both
+    modalities, the token and sentence masks, the region grid size and the cross-attended features
+    ``v'_i`` (regions attending to sentences) and ``t'_k`` (sentences attending to regions).
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module | None = None,
+        text_encoder: ReportTextEncoder | None = None,
+        embed_dim: int = 128,
+        projection_layers: int = 2,
+        attention_temperature: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder if image_encoder is not None else CXRImageEncoder("resnet18", 1, 0.125)
+        self.text_encoder = text_encoder if text_encoder is not None else ReportTextEncoder()
+        c = int(getattr(self.image_encoder, "out_channels"))
+        dt = int(self.text_encoder.hidden_size)
+        self.embed_dim = embed_dim
+        self.image_local_head = ProjectionHead(c, embed_dim, num_layers=projection_layers)
+        self.image_global_head = ProjectionHead(c, embed_dim, num_layers=projection_layers)
+        self.text_local_head = ProjectionHead(dt, embed_dim, num_layers=projection_layers)
+        self.text_global_head = ProjectionHead(dt, embed_dim, num_layers=projection_layers)
+        self.attention = CrossModalAttention(attention_temperature)
+
+    def encode_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Image half of :meth:`forward`: region and global features, before and after projection."""
+        if hasattr(self.image_encoder, "forward_with_grid"):
+            local, global_, grid = self.image_encoder.forward_with_grid(image)
+        else:
+            local, global_ = self.image_encoder(image)
+            grid = None
+        return {
+            OutKeys.IMAGE_LOCAL_PRE: local,
+            OutKeys.IMAGE_GLOBAL_PRE: global_,
+            OutKeys.IMAGE_LOCAL: self.image_local_head(local),
+            OutKeys.IMAGE_GLOBAL: self.image_global_head(global_),
+            OutKeys.IMAGE_GRID: grid,
+        }
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Text half of :meth:`forward`: token, sentence and global features, before and after projection."""
+        t = self.text_encoder(input_ids, attention_mask, sentence_index)
+        return {
+            OutKeys.TEXT_TOKEN_PRE: t["token"],
+            OutKeys.TEXT_SENTENCE_PRE: t["sentence"],
+            OutKeys.TEXT_GLOBAL_PRE: t["global"],
+            OutKeys.TEXT_TOKEN: self.text_local_head(t["token"]),
+            OutKeys.TEXT_SENTENCE: self.text_local_head(t["sentence"]),
+            OutKeys.TEXT_GLOBAL: self.text_global_head(t["global"]),
+            OutKeys.TOKEN_MASK: t["token_mask"],
+            OutKeys.SENTENCE_MASK: t["sentence_mask"],
+        }
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sentence_index: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if image.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"image {tuple(image.shape)} and input_ids {tuple(input_ids.shape)} have different batch sizes."
+            )
+        out = self.encode_image(image)
+        out.update(self.encode_text(input_ids, attention_mask, sentence_index))
+        out[OutKeys.IMAGE_LOCAL_ATTENDED], _ = self.attention(
+            out[OutKeys.IMAGE_LOCAL], out[OutKeys.TEXT_SENTENCE], out[OutKeys.SENTENCE_MASK]
+        )
+        out[OutKeys.TEXT_SENTENCE_ATTENDED], _ = self.attention(out[OutKeys.TEXT_SENTENCE], out[OutKeys.IMAGE_LOCAL])
+        return out

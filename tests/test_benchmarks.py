@@ -1,0 +1,44 @@
+"""The benchmark commands run and print the documented records (timings themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from monai_elvis.benchmarks.__main__ import main
+from monai_elvis.benchmarks.losses import LOSS_NAMES, gloria_local_loop
+from monai_elvis.losses import GloriaLocalLoss
+
+KEYS = {"loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms"}
+
+
+def test_losses_benchmark_json_records(capsys):
+    main(["losses", "--json", "--batch", "2", "--grid", "2", "--dim", "8", "--repeats", "1"])
+    records = json.loads(capsys.readouterr().out)
+    assert [r["loss"] for r in records] == list(LOSS_NAMES)
+    for r in records:
+        assert set(r) == KEYS
+        assert r["batch"] == 2 and r["regions"] == "2x2" and r["dim"] == 8
+        assert r["units"] == (97 if r["loss"].startswith("gloria") else 12)
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+    assert torch.get_num_threads() >= 1
+
+
+def test_losses_benchmark_table(capsys):
+    main(["losses", "--loss", "elvis_local", "--batch", "2", "--grid", "2", "--dim", "8", "--repeats", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms"]
+    assert out[1].split()[:5] == ["elvis_local", "2", "2x2", "8", "12"]
+
+
+def test_gloria_loop_baseline_equals_vectorised_loss():
+    torch.manual_seed(0)
+    words, regions = torch.randn(3, 6, 8, dtype=torch.float64), torch.randn(3, 4, 8, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, 3:] = False
+    loss = GloriaLocalLoss()
+    assert gloria_local_loop(words, regions, mask, loss).item() == pytest.approx(
+        loss(words, regions, mask).item(), abs=1e-5
+    )
