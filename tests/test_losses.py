@@ -352,3 +352,16 @@ def test_bad_input_errors_name_tensor_and_shape():
         ElvisLoss()({})
     with pytest.raises(ValueError, match="no term"):
         ElvisLoss(global_weight=0.0)
+
+
+def test_gloria_chunking_does_not_change_the_result():
+    from monai_elvis.losses import gloria_pair_similarity
+
+    torch.manual_seed(6)
+    words, regions = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    mask = torch.rand(4, 6) > 0.3
+    mask[:, 0] = True
+    whole = gloria_pair_similarity(words, regions, mask)
+    for max_elements in (1, 13, 50):
+        assert torch.allclose(gloria_pair_similarity(words, regions, mask, max_pair_elements=max_elements), whole)
+    assert whole.shape == (3, 4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import statistics
 import time
 from collections.abc import Callable
 
@@ -99,7 +98,7 @@ def _time_ms(fn: Callable[[], None], repeats: int) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return min(times)
 
 
 def run_loss_benchmark(
@@ -117,7 +116,7 @@ def run_loss_benchmark(
     """Time every loss at every shape; one record per (loss, batch, grid, dim).
 
     Records: ``{"loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms"}`` with ``regions`` as
-    ``"7x7"`` and ``units`` the sentences (words for the GLoRIA rows). Times are medians over ``repeats``.
+    ``"7x7"`` and ``units`` the sentences (words for the GLoRIA rows). Times are the best of ``repeats`` runs (after a warm-up run).
 
     ``flush_denormal`` flushes denormal floats to zero while it runs (as a CPU training run should: the peaky
     word-region softmax of GLoRIA otherwise produces denormals that slow matrix products down about tenfold).

@@ -11,6 +11,25 @@ from monai_elvis.utils import check_batch, check_mask, check_ndim, zero_padding
 __all__ = ["GloriaLocalLoss", "gloria_pair_similarity"]
 
 
+def _word_region_similarity(
+    words: torch.Tensor, regions: torch.Tensor, gram: torch.Tensor | None, attention_scale: float, eps: float
+) -> torch.Tensor:
+    """``cos(c_k, w_k)`` of every word against every image: ``words [K, d]``, ``regions [Bi, N, d]`` -> ``[K, Bi]``."""
+    k, d = words.shape
+    bi, nr, _ = regions.shape
+    # scaled scores attention_scale * s: the scale is applied to the (small) word matrix, not the pair tensor
+    scores = ((words * attention_scale) @ regions.reshape(bi * nr, d).T).view(k, bi, nr)  # [K, Bi, N]
+    attn = torch.softmax(scores, dim=-1)
+    dot = (attn * scores).sum(-1) / attention_scale  # <c_k, w_k>: [K, Bi]
+    attn_i = attn.transpose(0, 1)  # [Bi, K, N]
+    if gram is not None:
+        ctx_sq = (torch.bmm(attn_i, gram) * attn_i).sum(-1)  # a^T G a: [Bi, K]
+    else:
+        ctx_sq = torch.bmm(attn_i, regions).pow(2).sum(-1)
+    ctx_norm = ctx_sq.clamp(min=0).add(eps * eps).sqrt().T  # [K, Bi]
+    return dot / (ctx_norm * words.norm(dim=-1, keepdim=True).clamp(min=eps))
+
+
 def gloria_pair_similarity(
     words: torch.Tensor,
     regions: torch.Tensor,
@@ -18,36 +37,35 @@ def gloria_pair_similarity(
     attention_scale: float = 4.0,
     word_scale: float = 5.0,
     eps: float = 1e-8,
+    max_pair_elements: int = 2**20,
 ) -> torch.Tensor:
-    """Local similarity ``R(report_j, image_i)`` of every pair, with no loop over the batch.
+    """Local similarity ``R(report_j, image_i)`` of every pair.
 
     For words ``w_k`` of report ``j`` and regions ``v_r`` of image ``i``: ``s_kr = <w_k, v_r>``,
     ``a_kr = softmax_r(attention_scale * s_kr)``, the word's region context ``c_k = sum_r a_kr v_r``,
     ``z_k = cos(c_k, w_k)`` and ``R = log(sum_k exp(word_scale * z_k)) / word_scale`` over the valid words.
 
-    ``<c_k, w_k> = sum_r a_kr s_kr`` reuses the scores, and ``|c_k|^2 = a_k^T (V V^T) a_k`` uses the region
-    Gram matrix when there are fewer regions than channels, so ``c_k`` is never materialised for all pairs.
+    Every real word of the batch is scored against every image at once (padded words are not scored);
+    ``<c_k, w_k> = sum_r a_kr s_kr`` reuses the scores and ``|c_k|^2 = a_k^T (V V^T) a_k`` uses the region Gram
+    matrix when there are fewer regions than channels, so ``c_k`` is never materialised. The words are taken
+    in chunks of at most ``max_pair_elements`` word-region scores, so that the pair tensors stay in cache.
 
     Shapes: ``words [Bt, T, d]``, ``regions [Bi, N, d]``, ``word_mask [Bt, T]`` -> ``[Bi, Bt]``.
     """
     bt, nt, d = words.shape
     bi, nr, _ = regions.shape
-    # scaled scores attention_scale * s: the scale is applied to the (small) word matrix, not the pair tensor
-    scores = ((words.reshape(bt * nt, d) * attention_scale) @ regions.reshape(bi * nr, d).T).view(bt * nt, bi, nr)
-    attn = torch.softmax(scores, dim=-1)  # [Bt*T, Bi, N]
-    dot = (attn * scores).sum(-1) / attention_scale  # <c_k, w_k>: [Bt*T, Bi]
-    attn_i = attn.transpose(0, 1)  # [Bi, Bt*T, N]
-    if nr <= d:
-        gram = torch.bmm(regions, regions.transpose(1, 2))  # [Bi, N, N]
-        ctx_sq = (torch.bmm(attn_i, gram) * attn_i).sum(-1)  # [Bi, Bt*T]
+    flat = words.reshape(bt * nt, d) if word_mask is None else words[word_mask]  # [K, d]
+    gram = torch.bmm(regions, regions.transpose(1, 2)) if nr <= d else None  # [Bi, N, N]
+    chunk = max(1, max_pair_elements // (bi * nr))
+    z = torch.cat(
+        [_word_region_similarity(flat[i : i + chunk], regions, gram, attention_scale, eps)
+         for i in range(0, flat.shape[0], chunk)]
+    ) * word_scale  # [K, Bi]
+    if word_mask is None:
+        z_all = z.view(bt, nt, bi)
     else:
-        ctx_sq = torch.bmm(attn_i, regions).pow(2).sum(-1)
-    ctx_norm = ctx_sq.clamp(min=0).add(eps * eps).sqrt().T  # [Bt*T, Bi]
-    word_norm = words.reshape(bt * nt, 1, d).norm(dim=-1).clamp(min=eps)  # [Bt*T, 1]
-    z = (dot / (ctx_norm * word_norm)).view(bt, nt, bi) * word_scale
-    if word_mask is not None:
-        z = z.masked_fill(~word_mask.unsqueeze(-1), float("-inf"))
-    return (torch.logsumexp(z, dim=1) / word_scale).T  # [Bi, Bt]
+        z_all = z.new_full((bt, nt, bi), float("-inf")).index_put((word_mask,), z)
+    return (torch.logsumexp(z_all, dim=1) / word_scale).T  # [Bi, Bt]
 
 
 class GloriaLocalLoss(_Loss):
