@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "pyyaml==6.0.3",
     "numpy==2.4.6",
     "pillow==13.0.0",
+    "scipy==1.17.1",
     "tensorboard==2.21.0",
     "tqdm==4.70.1",
 ]
@@ -31,5 +32,5 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["monai_elvis", "monai_elvis.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.0.3"]},
+    extras_require={"test": ["pytest==9.0.3", "pydicom-data==1.0.0"]},
 )

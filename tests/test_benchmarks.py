@@ -42,3 +42,13 @@ def test_gloria_loop_baseline_equals_vectorised_loss():
     assert gloria_local_loop(words, regions, mask, loss).item() == pytest.approx(
         loss(words, regions, mask).item(), abs=1e-5
     )
+
+
+def test_transforms_benchmark_records(capsys):
+    main(["transforms", "--json", "--pairs", "2", "--size", "64"])
+    records = json.loads(capsys.readouterr().out)
+    assert [r["format"] for r in records] == ["dicom", "png16", "jpeg8"]
+    for r in records:
+        assert set(r) == {"format", "pairs", "size", "pairs_per_s", "ms_per_pair"}
+        assert r["pairs"] == 2 and r["size"] == 64 and r["pairs_per_s"] > 0
+        assert r["ms_per_pair"] == pytest.approx(1000 / r["pairs_per_s"], rel=0.02)

@@ -1,4 +1,4 @@
-"""Command line of the benchmarks: ``python -m monai_elvis.benchmarks losses [--json] [--repeats N]``."""
+"""Command line of the benchmarks: ``python -m monai_elvis.benchmarks {losses,transforms} [--json]``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def _losses(args: argparse.Namespace) -> None:
         print(_table(records, ["loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms"]))
 
 
+def _transforms(args: argparse.Namespace) -> None:
+    from monai_elvis.benchmarks.transforms import run_transform_benchmark
+
+    records = run_transform_benchmark(
+        n=args.pairs, size=args.size, tokenizer=args.tokenizer,
+        progress=None if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(_table(records, ["format", "pairs", "size", "pairs_per_s", "ms_per_pair"]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m monai_elvis.benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_losses)
+    p = sub.add_parser("transforms", help="image-report pairs per second through the pre-training preprocessing")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--pairs", type=int, default=40, help="pairs timed per format")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--tokenizer", help="tokenizer folder or name (default: one trained on the IU X-ray reports)")
+    p.set_defaults(func=_transforms)
     args = parser.parse_args(argv)
     args.func(args)
 

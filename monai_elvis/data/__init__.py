@@ -1,0 +1,32 @@
+"""Data layer: datalist builders, the text collate and the public data sources."""
+
+from monai_elvis.data.builders import (
+    BUILDERS,
+    BuildSummary,
+    DatasetFormatError,
+    build_iu_xray,
+    build_mimic_cxr,
+    build_ms_cxr,
+    build_rsna,
+    build_siim,
+    read_csv_rows,
+    split_items,
+    subsample_training,
+)
+from monai_elvis.data.collate import TEXT_PAD_VALUES, collate_reports
+
+__all__ = [
+    "BUILDERS",
+    "BuildSummary",
+    "DatasetFormatError",
+    "build_iu_xray",
+    "build_mimic_cxr",
+    "build_ms_cxr",
+    "build_rsna",
+    "build_siim",
+    "read_csv_rows",
+    "split_items",
+    "subsample_training",
+    "collate_reports",
+    "TEXT_PAD_VALUES",
+]

@@ -1,0 +1,59 @@
+"""``python -m monai_elvis.data {mimic-cxr,ms-cxr,siim,rsna,iu-xray} --root DIR --out datalist.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from monai_elvis.data.builders import BUILDERS, DatasetFormatError, subsample_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monai_elvis.data", description="Write a MONAI datalist.")
+    parser.add_argument("dataset", choices=sorted(BUILDERS))
+    parser.add_argument("--root", required=True, help="the dataset's root folder (IU X-ray: folder or .tgz)")
+    parser.add_argument("--out", required=True, help="the datalist JSON to write")
+    parser.add_argument("--fraction", type=float, default=1.0, help="seeded fraction of the training entries")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--csv", help="the label/split CSV when it is not at its usual place under --root")
+    parser.add_argument("--reports", help="mimic-cxr: folder of the report text files")
+    parser.add_argument("--images", help="iu-xray: folder of <image id>.png")
+    parser.add_argument("--views", default="PA,AP", help="mimic-cxr: comma-separated view positions to keep")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every skipped item")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+
+    kwargs: dict = {"seed": args.seed}
+    if args.dataset == "mimic-cxr":
+        kwargs.update(reports=args.reports, views=tuple(v for v in args.views.split(",") if v))
+    elif args.dataset == "ms-cxr":
+        kwargs.update(csv_path=args.csv)
+    elif args.dataset == "siim":
+        kwargs.update(rle_csv=args.csv)
+    elif args.dataset == "rsna":
+        kwargs.update(labels_csv=args.csv)
+    elif args.dataset == "iu-xray":
+        kwargs.update(images=args.images)
+    try:
+        datalist, summary = BUILDERS[args.dataset](args.root, **kwargs)
+        datalist = subsample_training(datalist, args.fraction, args.seed)
+    except (DatasetFormatError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(datalist, indent=1))
+    tmp.replace(out)
+    print(summary)
+    if args.fraction < 1:
+        print(f"training subsampled to {len(datalist['training'])} entries (fraction {args.fraction}, seed {args.seed})")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

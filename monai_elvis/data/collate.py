@@ -1,0 +1,43 @@
+"""Collate for batches with variable-length text."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.data.utils import list_data_collate
+
+from monai_elvis.keys import Keys
+
+__all__ = ["collate_reports", "TEXT_PAD_VALUES"]
+
+# key -> padding value
+TEXT_PAD_VALUES: dict[str, int] = {Keys.INPUT_IDS: 0, Keys.ATTENTION_MASK: 0, Keys.SENTENCE_INDEX: -1}
+
+
+def collate_reports(batch: Sequence[Mapping[str, Any]], pad_values: Mapping[str, int] | None = None) -> dict:
+    """Collate dict samples, right-padding the token tensors to the longest in the batch.
+
+    ``input_ids`` are padded with 0 (override with ``pad_values``, e.g. the tokenizer's pad id),
+    ``attention_mask`` with 0 and ``sentence_index`` with -1; the ``report`` (text or list of sentences) is
+    kept as a list; every other key goes through MONAI's :func:`~monai.data.utils.list_data_collate`.
+    Usable as ``collate_fn`` of MONAI's and PyTorch's data loaders.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch.")
+    pads = {**TEXT_PAD_VALUES, **(pad_values or {})}
+    batch = [item for sample in batch for item in (sample if isinstance(sample, list) else [sample])]
+    text_keys = [k for k in pads if k in batch[0]]
+    list_keys = [k for k in (Keys.REPORT,) if k in batch[0]]
+    rest = [{k: v for k, v in s.items() if k not in text_keys and k not in list_keys} for s in batch]
+    out = dict(list_data_collate(rest)) if rest[0] else {}
+    for key in list_keys:
+        out[key] = [s[key] for s in batch]
+    for key in text_keys:
+        seqs = [torch.as_tensor(s[key]) for s in batch]
+        bad = [i for i, t in enumerate(seqs) if t.ndim != 1]
+        if bad:
+            raise ValueError(f"{key} of batch item(s) {bad} must be 1D [L], got shapes {[tuple(seqs[i].shape) for i in bad]}.")
+        out[key] = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pads[key])
+    return out

@@ -1,0 +1,32 @@
+"""Transforms (array and dictionary forms): loading, reports, labels and standard pipelines."""
+
+from monai_elvis.transforms.io import CXRLoadError, LoadCXR, LoadCXRd
+from monai_elvis.transforms.labels import BoxesToMask, BoxesToMaskd, MaskToBoxes, MaskToBoxesd, RLEToMask, RLEToMaskd
+from monai_elvis.transforms.presets import cxr_augmentation, cxr_spatial_intensity
+from monai_elvis.transforms.report import (
+    ExtractReportSections,
+    ExtractReportSectionsd,
+    RandDropSentences,
+    RandDropSentencesd,
+    RandShuffleSentences,
+    RandShuffleSentencesd,
+    ReportError,
+    SplitSentences,
+    SplitSentencesd,
+    TokenizeReport,
+    TokenizeReportd,
+    load_tokenizer,
+    parse_iu_xray_xml,
+    parse_report_sections,
+    train_wordpiece_tokenizer,
+)
+
+__all__ = [
+    "CXRLoadError", "LoadCXR", "LoadCXRd",
+    "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd", "RLEToMask", "RLEToMaskd",
+    "cxr_augmentation", "cxr_spatial_intensity",
+    "ExtractReportSections", "ExtractReportSectionsd", "RandDropSentences", "RandDropSentencesd",
+    "RandShuffleSentences", "RandShuffleSentencesd", "ReportError", "SplitSentences", "SplitSentencesd",
+    "TokenizeReport", "TokenizeReportd", "load_tokenizer", "parse_iu_xray_xml", "parse_report_sections",
+    "train_wordpiece_tokenizer",
+]  # fmt: skip

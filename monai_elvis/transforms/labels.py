@@ -1,0 +1,187 @@
+"""Label conversion: SIIM-ACR run-length encodings and boxes to masks, masks to boxes."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+from scipy import ndimage
+
+from monai_elvis.keys import Keys
+
+__all__ = ["RLEToMask", "RLEToMaskd", "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd"]
+
+
+def _round_half_up(v: float) -> int:
+    return int(np.floor(v + 0.5))
+
+
+class RLEToMask(Transform):
+    """Decode SIIM-ACR pneumothorax run-length encodings into a ``[1, H, W]`` uint8 mask (1 = pneumothorax).
+
+    The format is the competition's: pairs ``offset length`` where each offset counts from the end of the
+    previous run, over the pixels in column-major order (the image's transpose, flattened). ``"-1"`` (or an
+    empty string) is an image without pneumothorax. Several encodings of one image (one per CSV row) are
+    merged by union.
+
+    Args:
+        height: image rows (1024 in SIIM-ACR).
+        width: image columns.
+
+    Raises ``ValueError`` for an encoding that is not pairs of non-negative integers or that runs past the
+    image; ``source`` (e.g. the image id) is named in the message.
+    """
+
+    def __init__(self, height: int = 1024, width: int = 1024) -> None:
+        self.height, self.width = height, width
+
+    def __call__(self, rle: str | Sequence[str], source: str | None = None) -> np.ndarray:
+        where = f" of {source}" if source else ""
+        encodings = [rle] if isinstance(rle, str) else list(rle)
+        flat = np.zeros(self.height * self.width, dtype=np.uint8)
+        for enc in encodings:
+            enc = str(enc).strip()
+            if enc in ("", "-1"):
+                continue
+            try:
+                values = np.array([int(v) for v in enc.split()], dtype=np.int64)
+            except ValueError as e:
+                raise ValueError(f"run-length encoding{where} is not a list of integers: {enc[:60]!r}") from e
+            if values.size % 2 or (values < 0).any():
+                raise ValueError(f"run-length encoding{where} must be pairs of non-negative integers.")
+            starts = np.cumsum(values[0::2] + np.concatenate([[0], values[1::2][:-1]]))
+            ends = starts + values[1::2]
+            if ends.size and ends[-1] > flat.size:
+                raise ValueError(
+                    f"run-length encoding{where} runs to pixel {int(ends[-1])}, past a "
+                    f"{self.height}x{self.width} image."
+                )
+            for s, e in zip(starts, ends):
+                flat[s:e] = 1
+        return flat.reshape(self.width, self.height).T[None].copy()
+
+
+class BoxesToMask(Transform):
+    """Paint boxes ``(x, y, w, h)`` given in original pixels into a ``[1, H, W]`` uint8 mask.
+
+    Args:
+        spatial_size: ``(H, W)`` of the mask.
+        original_size: ``(H, W)`` the boxes refer to; boxes are scaled by ``spatial_size / original_size``
+            (default: no scaling). Box edges are rounded half up to the nearest pixel edge; each box covers the pixel columns
+            ``[x, x + w)`` and rows ``[y, y + h)``, clipped to the image.
+    """
+
+    def __init__(self, spatial_size: Sequence[int], original_size: Sequence[int] | None = None) -> None:
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.original_size = tuple(int(s) for s in original_size) if original_size is not None else self.spatial_size
+
+    def __call__(self, boxes: Any) -> np.ndarray:
+        h, w = self.spatial_size
+        sy, sx = h / self.original_size[0], w / self.original_size[1]
+        mask = np.zeros((1, h, w), dtype=np.uint8)
+        arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+        if not np.isfinite(arr).all():
+            raise ValueError(f"boxes must be finite (x, y, w, h) values, got {arr.tolist()}.")
+        for x, y, bw, bh in arr:
+            if bw < 0 or bh < 0:
+                raise ValueError(f"box {(x, y, bw, bh)} has a negative width or height.")
+            r0, r1 = max(0, _round_half_up(y * sy)), min(h, _round_half_up((y + bh) * sy))
+            c0, c1 = max(0, _round_half_up(x * sx)), min(w, _round_half_up((x + bw) * sx))
+            mask[0, r0:r1, c0:c1] = 1
+        return mask
+
+
+class MaskToBoxes(Transform):
+    """Boxes ``(x, y, w, h)`` of the connected components of a mask (``[1, H, W]`` or ``[H, W]``).
+
+    Returns a float32 array ``[K, 4]`` ordered by ``(y, x)``; components smaller than ``min_pixels`` are ignored.
+    """
+
+    def __init__(self, min_pixels: int = 1, connectivity: int = 2) -> None:
+        self.min_pixels = min_pixels
+        self.structure = ndimage.generate_binary_structure(2, connectivity)
+
+    def __call__(self, mask: Any) -> np.ndarray:
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if m.ndim == 3:
+            if m.shape[0] != 1:
+                raise ValueError(f"mask must have shape [1, H, W] or [H, W], got shape {m.shape}.")
+            m = m[0]
+        labels, n = ndimage.label(m > 0, structure=self.structure)
+        boxes = []
+        for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+            if sl is None or (labels[sl] == idx).sum() < self.min_pixels:
+                continue
+            rows, cols = sl
+            boxes.append((cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start))
+        boxes.sort(key=lambda b: (b[1], b[0]))
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+class RLEToMaskd(MapTransform):
+    """Dictionary form of :class:`RLEToMask`; the mask replaces the encoding under each key. Errors name
+    ``d[source_key]`` (the image id) when present."""
+
+    def __init__(self, keys: KeysCollection = Keys.LABEL, height: int = 1024, width: int = 1024,
+                 source_key: str | None = Keys.IMAGE, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.decoder = RLEToMask(height, width)
+        self.source_key = source_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        source = d.get(self.source_key) if self.source_key else None
+        for key in self.key_iterator(d):
+            d[key] = self.decoder(d[key], source=None if source is None else str(source))
+        return d
+
+
+class BoxesToMaskd(MapTransform):
+    """Dictionary form of :class:`BoxesToMask`: paints ``d[keys]`` into ``d[mask_key]`` on the grid of
+    ``d[ref_key]``.
+
+    Use it right after :class:`~monai_elvis.transforms.LoadCXRd` so the mask then follows the image through
+    every spatial transform (give both keys to them). The boxes are in the original pixels
+    (``ref.meta["original_size"]``) and are scaled to the reference's current size; the mask is a
+    :class:`~monai.data.MetaTensor` with the reference's affine.
+    """
+
+    def __init__(self, keys: KeysCollection = Keys.BOXES, ref_key: str = Keys.IMAGE, mask_key: str = Keys.LABEL,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key = ref_key
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ref = d[self.ref_key]
+        size = tuple(ref.shape[-2:])
+        original = getattr(ref, "meta", {}).get("original_size", size)
+        original = tuple(int(s) for s in original)
+        for key in self.key_iterator(d):
+            mask = torch.from_numpy(BoxesToMask(size, original)(d[key]))
+            if isinstance(ref, MetaTensor):
+                mask = MetaTensor(mask, affine=ref.affine.clone(), meta={"original_size": original})
+            d[self.mask_key] = mask
+        return d
+
+
+class MaskToBoxesd(MapTransform):
+    """Dictionary form of :class:`MaskToBoxes`: writes the boxes of ``d[keys]`` to ``d[boxes_key]``."""
+
+    def __init__(self, keys: KeysCollection = Keys.LABEL, boxes_key: str = Keys.BOXES, min_pixels: int = 1,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = MaskToBoxes(min_pixels)
+        self.boxes_key = boxes_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.boxes_key] = self.converter(d[key])
+        return d

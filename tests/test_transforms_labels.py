@@ -1,0 +1,97 @@
+"""Label conversion on the real SIIM-ACR and RSNA label files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, Resized
+
+from monai_elvis.data.builders import read_csv_rows
+from monai_elvis.transforms import BoxesToMask, BoxesToMaskd, LoadCXRd, MaskToBoxes, MaskToBoxesd, RLEToMask, RLEToMaskd
+
+
+def test_rle_hand_computed():
+    # column-major pixels of a 4x4 image: run 1 covers pixels 1-2 (column 0, rows 1-2), run 2 pixel 6
+    m = RLEToMask(4, 4)("1 2 3 1")
+    assert m.shape == (1, 4, 4) and m.dtype == np.uint8
+    assert np.argwhere(m[0]).tolist() == [[1, 0], [2, 0], [2, 1]]
+    assert RLEToMask(4, 4)(["1 2", "6 1"]).sum() == 3  # two rows of one image are merged
+    assert RLEToMask(4, 4)(" -1").sum() == 0
+
+
+def test_siim_rle_file_first_200_images(txv_file):
+    rows = read_csv_rows(txv_file("siim-pneumothorax-train-rle.csv.gz"), ["ImageId", "EncodedPixels"])
+    first: dict[str, list[str]] = {}
+    for row in rows:
+        if row["ImageId"] not in first and len(first) == 200:
+            continue
+        first.setdefault(row["ImageId"], []).append(row["EncodedPixels"])
+    decode = RLEToMask(1024, 1024)
+    n_empty = n_positive = 0
+    for image_id, encs in first.items():
+        for enc in encs:
+            mask = decode(enc, source=image_id)
+            assert mask.shape == (1, 1024, 1024)
+            if enc == "-1":
+                assert mask.sum() == 0
+                n_empty += 1
+            else:
+                assert mask.sum() == sum(int(v) for v in enc.split()[1::2]), image_id
+                n_positive += 1
+    assert n_empty > 50 and n_positive > 20
+    merged = RLEToMaskd()({"image": "x", "label": next(e for e in first.values() if len(e) > 1)})["label"]
+    assert merged.shape == (1, 1024, 1024) and merged.sum() > 0
+
+
+def test_rle_errors_name_the_image():
+    with pytest.raises(ValueError, match="of 1.2.3 runs to pixel 20, past a 4x4 image"):
+        RLEToMask(4, 4)("10 10", source="1.2.3")
+    with pytest.raises(ValueError, match="of 1.2.3 must be pairs"):
+        RLEToMask(4, 4)("1 2 3", source="1.2.3")
+    with pytest.raises(ValueError, match=r"of img7 is not a list of integers"):
+        RLEToMaskd(height=4, width=4)({"image": "img7", "label": "1 x"})
+
+
+def test_rsna_boxes_and_masks(txv_file):
+    rows = read_csv_rows(txv_file("kaggle_stage_2_train_labels.csv.zip"), ["patientId", "x", "y", "width", "height", "Target"])
+    per_patient: dict[str, list] = {}
+    for r in rows:
+        per_patient.setdefault(r["patientId"], [])
+        if r["Target"] == "1":
+            per_patient[r["patientId"]].append([float(r[c]) for c in ("x", "y", "width", "height")])
+    assert len(per_patient) == 26684
+    assert per_patient["00436515-870c-4b36-a041-de91049b9ab4"] == [[264, 152, 213, 379], [562, 152, 256, 453]]
+    checked = 0
+    for boxes in list(per_patient.values())[:400]:
+        mask = BoxesToMask((1024, 1024))(boxes)
+        if not boxes:
+            assert mask.sum() == 0
+            continue
+        if len(boxes) == 1:
+            x, y, w, h = boxes[0]
+            assert mask.sum() == min(w, 1024 - x) * min(h, 1024 - y)
+        elif len(boxes) == 2:
+            (x1, y1, w1, h1), (x2, y2, w2, h2) = boxes
+            ix = max(0, min(x1 + w1, x2 + w2) - max(x1, x2))
+            iy = max(0, min(y1 + h1, y2 + h2) - max(y1, y2))
+            assert mask.sum() == w1 * h1 + w2 * h2 - ix * iy
+        checked += 1
+    assert checked > 50
+
+
+def test_boxes_mask_round_trip_and_following_a_resize(tmp_path, write_dicom):
+    boxes = [[10, 20, 30, 40], [60, 5, 20, 10]]
+    mask = BoxesToMask((100, 120))(boxes)
+    assert MaskToBoxes()(mask).tolist() == [[60, 5, 20, 10], [10, 20, 30, 40]]  # ordered by (y, x)
+    assert MaskToBoxesd()({"label": torch.from_numpy(mask)})["boxes"].shape == (2, 4)
+    path = write_dicom(tmp_path / "img.dcm", np.zeros((100, 120), dtype=np.uint16))
+    pipeline = Compose([LoadCXRd("image"), BoxesToMaskd(), Resized(["image", "label"], (50, 60), mode=["area", "nearest"])])
+    out = pipeline({"image": str(path), "boxes": boxes})
+    assert out["label"].shape == (1, 50, 60)
+    assert MaskToBoxes()(out["label"]).tolist() == [[30, 3, 10, 5], [5, 10, 15, 20]]
+    # boxes given in original pixels also land right when painted on an already resized image
+    late = Compose([LoadCXRd("image"), Resized("image", (50, 60)), BoxesToMaskd()])({"image": str(path), "boxes": boxes})
+    assert torch.equal(torch.as_tensor(late["label"]), torch.as_tensor(out["label"]))
+    with pytest.raises(ValueError, match="negative width"):
+        BoxesToMask((10, 10))([[1, 1, -2, 3]])
