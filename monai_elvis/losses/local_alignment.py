@@ -44,7 +44,7 @@ def intra_modal_target(features: torch.Tensor, temperature: float, mask: torch.T
     No gradient flows through it (stop-gradient). Shapes: ``features [B, M, C]``, ``mask [B, M]`` -> ``[B, M, M]``.
     """
     h = l2_normalize(features.float(), dim=-1)
-    sim = torch.bmm(h, h.transpose(1, 2)).mul_(1.0 / temperature)
+    sim = torch.bmm(h * (1.0 / temperature), h.transpose(1, 2))  # the scale rides on the smaller operand
     if mask is not None:
         sim.masked_fill_(~mask.unsqueeze(1), float("-inf"))
     return torch.softmax(sim, dim=-1)
@@ -144,9 +144,9 @@ class LocalAlignmentLoss(_Loss):
         return intra_modal_target(source, self.target_temperature, mask)
 
     def _direction(self, local, attended, target, mask, unit_weights) -> torch.Tensor:
-        z = l2_normalize(local, dim=-1)
+        z = l2_normalize(local, dim=-1) * (1.0 / self.temperature)
         za = l2_normalize(attended, dim=-1)
-        logits = torch.bmm(z, za.transpose(1, 2)).mul_(1.0 / self.temperature)  # [B, M, M]
+        logits = torch.bmm(z, za.transpose(1, 2))  # cos / temperature: [B, M, M]
         if mask is not None:  # padded columns: no probability mass (a finite value keeps 0 * log p = 0)
             logits = logits.masked_fill(~mask.unsqueeze(1), _NEG)
         b, m = logits.shape[:2]
