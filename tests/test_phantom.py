@@ -1,0 +1,164 @@
+"""The phantom dataset: determinism, anatomical correctness of findings, reports, files and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.data import load_decathlon_datalist
+
+from monai_elvis.data import build_ms_cxr
+from monai_elvis.data.phantom import (
+    FINDING_TYPES,
+    AnatomyError,
+    PhantomAnatomy,
+    PhantomGenerator,
+    default_ct_files,
+    draw_contact_sheet,
+    write_phantom,
+)
+from monai_elvis.data.phantom.__main__ import main
+from monai_elvis.transforms import LoadCXRd, parse_report_sections
+
+
+@pytest.fixture(scope="session")
+def anatomy():
+    return PhantomAnatomy.default()
+
+
+@pytest.fixture(scope="session")
+def studies(anatomy):
+    gen = PhantomGenerator(anatomy, size=128, seed=7)
+    return [gen(i) for i in range(60)]
+
+
+def test_anatomy_orientation(anatomy):
+    """The heart projects on the image's right (the patient's left) and the lungs' apices are at the top."""
+    heart = anatomy.structure_projection("heart")
+    assert np.flatnonzero(heart.any(0)).mean() > heart.shape[1] / 2
+    right = anatomy.structure_projection("lung_upper_lobe_right")
+    left = anatomy.structure_projection("lung_upper_lobe_left")
+    assert np.flatnonzero(right.any(0)).mean() < heart.shape[1] / 2 < np.flatnonzero(left.any(0)).mean()
+    lower = anatomy.structure_projection("lung_lower_lobe_right")
+    assert np.flatnonzero(right.any(1)).min() < np.flatnonzero(lower.any(1)).min()
+
+
+def test_findings_lie_in_their_structures_and_reports_name_the_side(studies):
+    kinds = set()
+    for study in studies:
+        sections = parse_report_sections(study.report)
+        assert set(sections) == {"findings", "impression"}
+        for k, f in enumerate(study.findings):
+            kinds.add(f["kind"])
+            mask, ref = study.masks[k], study.references[k]
+            assert mask.sum() > 0
+            assert (mask & ref).sum() >= 0.9 * mask.sum(), (f["kind"], f["structure"])
+            assert f["sentence"] in sections["findings"]
+            named = set(re.findall(r"\b(left|right)\b", f["sentence"].lower()))
+            assert named == ({f["side"]} if f["side"] else set()), f["sentence"]
+            if f["kind"] == "cardiomegaly":
+                assert "enlarged" in f["sentence"]
+    assert kinds == set(FINDING_TYPES)
+
+
+def test_boxes_inside_the_image_and_normal_studies_empty(studies):
+    normal = [s for s in studies if not s.findings]
+    assert 5 <= len(normal) <= 30
+    for s in normal:
+        assert s.label.max() == 0 and s.masks.shape[0] == 0
+        assert "No acute" in s.report or "Normal chest" in s.report
+    for s in studies:
+        assert s.image.shape == (128, 128) and 0 <= s.image.min() and s.image.max() <= 1
+        for f in s.findings:
+            assert f["boxes"]
+            for x, y, w, h in f["boxes"]:
+                assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 128 and y + h <= 128
+        classes = {FINDING_TYPES.index(f["kind"]) + 1 for f in s.findings}
+        assert set(np.unique(s.label)) - {0} <= classes
+
+
+def test_lesions_change_the_image_where_they_are(anatomy):
+    gen = PhantomGenerator(anatomy, size=128, seed=3, normal_fraction=0.0, max_findings=1, finding_types=["effusion"],
+                           augment=False)  # fmt: skip
+    study = gen(0)
+    normal = PhantomGenerator(anatomy, size=128, seed=3, normal_fraction=1.0, augment=False)(0)
+    inside = study.masks[0]
+    diff = study.image - normal.image
+    assert diff[inside].mean() > 0.05  # fluid is denser than the lung it replaces
+    assert np.abs(diff[~inside]).mean() < 0.01
+
+
+def test_same_seed_same_files_different_seed_different_images(anatomy, tmp_path):
+    a = write_phantom(tmp_path / "a", PhantomGenerator(anatomy, 64, seed=1), 6, workers=1)
+    write_phantom(tmp_path / "b", PhantomGenerator(anatomy, 64, seed=1), 6, workers=2)
+    write_phantom(tmp_path / "c", PhantomGenerator(anatomy, 64, seed=2), 6, workers=1)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 6 * 3 + 3
+    for rel in files:
+        if rel.name == "phantom.json":  # holds the paths only; compare the studies
+            ja, jb = (json.loads((tmp_path / d / rel).read_text())["studies"] for d in "ab")
+            assert ja == jb
+            continue
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    assert a["num"] == 6 and a["pairs_per_s"] > 0
+    images = lambda d: [(tmp_path / d / "images" / f"phantom_{i:05d}.png").read_bytes() for i in range(6)]  # noqa: E731
+    assert all(x != y for x, y in zip(images("a"), images("c")))
+
+
+def test_written_dataset_is_usable(anatomy, tmp_path, capsys):
+    out = tmp_path / "ph"
+    assert main(["--out", str(out), "--num", "12", "--size", "64", "--seed", "5", "--workers", "1",
+                 "--contact-sheet", str(tmp_path / "sheet.png")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "pairs/s at 64x64" in printed and "contact sheet" in printed
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert sum(len(v) for v in datalist.values()) == 12
+    files = load_decathlon_datalist(out / "datalist.json", data_list_key="training", base_dir=out)
+    item = LoadCXRd(["image", "label"])(files[0])
+    assert item["image"].shape == (1, 64, 64) and 0 <= float(item["image"].min()) <= float(item["image"].max()) <= 1
+    assert files[0]["report"] and "FINDINGS" not in files[0]["report"]
+    meta = json.loads((out / "phantom.json").read_text())
+    assert meta["settings"]["seed"] == 5 and len(meta["studies"]) == 12
+    with open(out / "ms_cxr.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    n_boxes = sum(len(f["boxes"]) for s in meta["studies"] for f in s["findings"])
+    assert len(rows) == n_boxes
+    # the phantom folder is an MS-CXR root for the grounding builder
+    grounding, summary = build_ms_cxr(out, out / "ms_cxr.csv")
+    assert sum(len(v) for v in grounding.values()) == sum(len(s["findings"]) for s in meta["studies"])
+    assert not summary.skipped
+    from PIL import Image
+
+    assert Image.open(tmp_path / "sheet.png").size[0] > 4 * 256
+
+
+def test_other_ct_and_bad_files(anatomy, tmp_path):
+    ct, labels, structures = default_ct_files()
+    # a different CT: the same study resampled to 1.5x coarser in-plane and cropped, saved anew
+    img, lab = nib.load(str(ct)), nib.load(str(labels))
+    data, ldata = np.asarray(img.dataobj)[::2, ::2, 10:], np.asarray(lab.dataobj)[::2, ::2, 10:]
+    affine = img.affine @ np.diag([2, 2, 1, 1])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(ldata, affine), tmp_path / "labels.nii.gz")
+    other = PhantomAnatomy.from_files(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz", structures)
+    assert other.mu.shape[2] == anatomy.mu.shape[2] - 10
+    study = PhantomGenerator(other, 64, seed=0, normal_fraction=0.0)(1)
+    assert study.findings and study.image.shape == (64, 64)
+    with pytest.raises(AnatomyError, match="missing.nii.gz"):
+        PhantomAnatomy.from_files(tmp_path / "missing.nii.gz", labels, structures)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(ct.read_bytes()[:50_000])
+    with pytest.raises(AnatomyError, match="broken.nii.gz"):
+        PhantomAnatomy.from_files(broken, labels, structures)
+    nib.save(nib.Nifti1Image(ldata[:, :, :50], affine), tmp_path / "short.nii.gz")
+    with pytest.raises(AnatomyError, match="has shape"):
+        PhantomAnatomy.from_files(tmp_path / "ct.nii.gz", tmp_path / "short.nii.gz", structures)
+    empty = np.zeros_like(ldata)
+    nib.save(nib.Nifti1Image(empty, affine), tmp_path / "empty.nii.gz")
+    with pytest.raises(AnatomyError, match="no voxel of"):
+        PhantomAnatomy.from_files(tmp_path / "ct.nii.gz", tmp_path / "empty.nii.gz", structures)
+    assert main(["--out", str(tmp_path / "x"), "--ct", str(broken), "--labels", str(labels)]) == 2
