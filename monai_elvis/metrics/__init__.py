@@ -1,0 +1,11 @@
+"""Metrics: retrieval recall@K, locality preservation and phrase grounding (CNR, pointing game, IoU)."""
+
+from monai_elvis.metrics.grounding import GroundingMetric, grounding_cnr, heatmap_iou, pointing_game
+from monai_elvis.metrics.locality import LocalityPreservationMetric, locality_preservation
+from monai_elvis.metrics.retrieval import RetrievalRecallMetric, retrieval_recall
+
+__all__ = [
+    "GroundingMetric", "grounding_cnr", "heatmap_iou", "pointing_game",
+    "LocalityPreservationMetric", "locality_preservation",
+    "RetrievalRecallMetric", "retrieval_recall",
+]  # fmt: skip

@@ -1,0 +1,56 @@
+"""Image <-> report retrieval recall@K."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.metrics import Cumulative
+
+from monai_elvis.utils import check_batch, check_ndim, l2_normalize
+
+__all__ = ["retrieval_recall", "RetrievalRecallMetric"]
+
+
+def retrieval_recall(image: torch.Tensor, text: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K of matching pairs ``(image_i, text_i)`` under cosine similarity, both directions.
+
+    The rank of the match is the number of *other* candidates scoring at least as high (ties count against
+    the match, so collapsed embeddings score at chance or below, never perfectly).
+
+    Shapes: ``image [N, d]``, ``text [N, d]``. Returns ``{"i2t_R@1": ..., "t2i_R@1": ..., ...}`` in ``[0, 1]``.
+    """
+    check_ndim(image, "image", 2, "[N, d]")
+    check_ndim(text, "text", 2, "[N, d]")
+    n = check_batch([("image", image), ("text", text)])
+    sim = l2_normalize(image.float()) @ l2_normalize(text.float()).T
+    diag = sim.diagonal()
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    rank_i2t = ((sim >= diag[:, None]) & ~eye).sum(1)
+    rank_t2i = ((sim >= diag[None, :]) & ~eye).sum(0)
+    out = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = float((rank_i2t < k).float().mean())
+        out[f"t2i_R@{k}"] = float((rank_t2i < k).float().mean())
+    return out
+
+
+class RetrievalRecallMetric(Cumulative):
+    """Accumulates image and report embeddings over an evaluation and reports :func:`retrieval_recall`.
+
+    ``metric(image [B, d], text [B, d])`` adds a batch; ``aggregate()`` returns the dict over everything added
+    (gathered across processes under DDP); ``reset()`` clears it.
+    """
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10)) -> None:
+        super().__init__()
+        self.ks = tuple(ks)
+
+    def __call__(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        self.extend(image.detach().float(), text.detach().float())
+
+    def aggregate(self) -> dict[str, float]:
+        buffers = self.get_buffer()
+        if not isinstance(buffers, list) or not len(buffers[0]):
+            raise ValueError("RetrievalRecallMetric has no embeddings: call it on batches before aggregate().")
+        return retrieval_recall(buffers[0], buffers[1], self.ks)
