@@ -52,3 +52,13 @@ def test_transforms_benchmark_records(capsys):
         assert set(r) == {"format", "pairs", "size", "pairs_per_s", "ms_per_pair"}
         assert r["pairs"] == 2 and r["size"] == 64 and r["pairs_per_s"] > 0
         assert r["ms_per_pair"] == pytest.approx(1000 / r["pairs_per_s"], rel=0.02)
+
+
+def test_train_step_benchmark_records(capsys):
+    main(["train-step", "--json", "--scale", "tiny", "--steps", "1", "--batch", "4"])
+    (rec,) = json.loads(capsys.readouterr().out)
+    assert rec["scale"] == "tiny" and rec["batch"] == 4 and rec["image_size"] == 128
+    parts = [rec[k] for k in ("data_ms", "forward_ms", "loss_ms", "backward_ms")]
+    assert all(p > 0 for p in parts)
+    assert rec["step_ms"] == pytest.approx(sum(parts), abs=0.5)
+    assert rec["loss_share"] == pytest.approx(rec["loss_ms"] / rec["step_ms"], abs=1e-3)

@@ -203,9 +203,9 @@ def test_split_and_fraction_are_seeded():
 def test_collate_pads_text():
     batch = [
         {"image": torch.zeros(1, 2, 2), "input_ids": torch.tensor([2, 7, 3]), "attention_mask": torch.ones(3, dtype=torch.long),
-         "sentence_index": torch.tensor([-1, 0, -1]), "report": ["a."]},
+         "sentence_index": torch.tensor([-1, 0, -1]), "report": ["a."], "findings": []},
         {"image": torch.ones(1, 2, 2), "input_ids": torch.tensor([2, 7, 8, 9, 3]), "attention_mask": torch.ones(5, dtype=torch.long),
-         "sentence_index": torch.tensor([-1, 0, 1, 1, -1]), "report": ["b.", "c."]},
+         "sentence_index": torch.tensor([-1, 0, 1, 1, -1]), "report": ["b.", "c."], "findings": ["nodule"]},
     ]  # fmt: skip
     out = collate_reports(batch)
     assert out["image"].shape == (2, 1, 2, 2)
@@ -213,6 +213,7 @@ def test_collate_pads_text():
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert out["sentence_index"].tolist() == [[-1, 0, -1, -1, -1], [-1, 0, 1, 1, -1]]
     assert out["report"] == [["a."], ["b.", "c."]]
+    assert out["findings"] == [[], ["nodule"]]
     assert collate_reports(batch, pad_values={"input_ids": 5})["input_ids"][0, -1] == 5
     with pytest.raises(ValueError, match="empty batch"):
         collate_reports([])

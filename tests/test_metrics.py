@@ -33,11 +33,19 @@ def test_retrieval_recall_hand_computed():
 def test_retrieval_ties_count_against_the_match_and_metric_accumulates():
     same = torch.ones(4, 3)
     assert retrieval_recall(same, same, ks=(1,))["i2t_R@1"] == 0.0
-    metric = RetrievalRecallMetric(ks=(1,))
+    metric = RetrievalRecallMetric(k=1)
     x = torch.randn(6, 8)
     metric(x[:4], x[:4])
-    metric(x[4:], x[4:])
-    assert metric.aggregate() == {"i2t_R@1": 1.0, "t2i_R@1": 1.0}
+    metric(y_pred=x[4:], y=x[4:])
+    assert metric.aggregate().item() == 1.0
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    text = torch.tensor([[1.0, 0.1], [1.0, 0.0], [1.0, 1.0]])
+    both = RetrievalRecallMetric(k=1)
+    both(image, text)
+    assert both.aggregate().item() == pytest.approx((1 / 3 + 2 / 3) / 2)
+    i2t = RetrievalRecallMetric(k=1, direction="i2t")
+    i2t(image, text)
+    assert i2t.aggregate().item() == pytest.approx(1 / 3)
     metric.reset()
     with pytest.raises(ValueError, match="no embeddings"):
         metric.aggregate()

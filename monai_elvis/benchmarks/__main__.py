@@ -1,4 +1,4 @@
-"""Command line of the benchmarks: ``python -m monai_elvis.benchmarks {losses,transforms} [--json]``."""
+"""Command line of the benchmarks: ``python -m monai_elvis.benchmarks {losses,transforms,train-step} [--json]``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,20 @@ def _transforms(args: argparse.Namespace) -> None:
         print(_table(records, ["format", "pairs", "size", "pairs_per_s", "ms_per_pair"]))
 
 
+def _train_step(args: argparse.Namespace) -> None:
+    from monai_elvis.benchmarks.train_step import run_train_step_benchmark
+
+    records = run_train_step_benchmark(
+        scales=tuple(args.scale), steps=args.steps, batch=args.batch,
+        progress=None if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        cols = ["scale", "batch", "image_size", "data_ms", "forward_ms", "loss_ms", "backward_ms", "step_ms", "loss_share"]
+        print(_table(records, cols))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m monai_elvis.benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--tokenizer", help="tokenizer folder or name (default: one trained on the IU X-ray reports)")
     p.set_defaults(func=_transforms)
+    p = sub.add_parser("train-step", help="per-step time breakdown of pre-training at the tiny and paper scales")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--scale", nargs="+", default=["tiny", "paper"], choices=["tiny", "paper"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, help="override the scale's batch size")
+    p.set_defaults(func=_train_step)
     args = parser.parse_args(argv)
     args.func(args)
 

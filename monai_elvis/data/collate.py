@@ -20,8 +20,9 @@ def collate_reports(batch: Sequence[Mapping[str, Any]], pad_values: Mapping[str,
     """Collate dict samples, right-padding the token tensors to the longest in the batch.
 
     ``input_ids`` are padded with 0 (override with ``pad_values``, e.g. the tokenizer's pad id),
-    ``attention_mask`` with 0 and ``sentence_index`` with -1; the ``report`` (text or list of sentences) is
-    kept as a list; every other key goes through MONAI's :func:`~monai.data.utils.list_data_collate`.
+    ``attention_mask`` with 0 and ``sentence_index`` with -1; the ``report`` (text or list of sentences) and
+    any other list-valued entry are kept as lists of the samples' values; every other key goes through MONAI's
+    :func:`~monai.data.utils.list_data_collate`.
     Usable as ``collate_fn`` of MONAI's and PyTorch's data loaders.
     """
     if not batch:
@@ -29,7 +30,8 @@ def collate_reports(batch: Sequence[Mapping[str, Any]], pad_values: Mapping[str,
     pads = {**TEXT_PAD_VALUES, **(pad_values or {})}
     batch = [item for sample in batch for item in (sample if isinstance(sample, list) else [sample])]
     text_keys = [k for k in pads if k in batch[0]]
-    list_keys = [k for k in (Keys.REPORT,) if k in batch[0]]
+    # text and other variable-length lists (sentences, finding names) stay lists of per-sample values
+    list_keys = [k for k, v in batch[0].items() if k == Keys.REPORT or (k not in text_keys and isinstance(v, (list, tuple)))]
     rest = [{k: v for k, v in s.items() if k not in text_keys and k not in list_keys} for s in batch]
     out = dict(list_data_collate(rest)) if rest[0] else {}
     for key in list_keys:

@@ -36,21 +36,28 @@ def retrieval_recall(image: torch.Tensor, text: torch.Tensor, ks: Sequence[int] 
 
 
 class RetrievalRecallMetric(Cumulative):
-    """Accumulates image and report embeddings over an evaluation and reports :func:`retrieval_recall`.
+    """Accumulates image and report embeddings over an evaluation and reports recall@``k``.
 
-    ``metric(image [B, d], text [B, d])`` adds a batch; ``aggregate()`` returns the dict over everything added
-    (gathered across processes under DDP); ``reset()`` clears it.
+    ``metric(image [B, d], text [B, d])`` adds a batch (also as ``metric(y_pred=..., y=...)``, so that
+    :class:`monai.handlers.IgniteMetricHandler` can drive it); ``aggregate()`` returns a scalar tensor over
+    everything added (gathered across processes under DDP): image-to-report (``direction="i2t"``),
+    report-to-image (``"t2i"``) or their mean (``"mean"``); ``reset()`` clears it.
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 5, 10)) -> None:
+    def __init__(self, k: int = 1, direction: str = "mean") -> None:
         super().__init__()
-        self.ks = tuple(ks)
+        if direction not in ("i2t", "t2i", "mean"):
+            raise ValueError(f"direction must be 'i2t', 't2i' or 'mean', got {direction!r}.")
+        self.k = k
+        self.direction = direction
 
-    def __call__(self, image: torch.Tensor, text: torch.Tensor) -> None:
-        self.extend(image.detach().float(), text.detach().float())
+    def __call__(self, y_pred: torch.Tensor, y: torch.Tensor) -> None:
+        self.extend(y_pred.detach().float(), y.detach().float())
 
-    def aggregate(self) -> dict[str, float]:
+    def aggregate(self) -> torch.Tensor:
         buffers = self.get_buffer()
         if not isinstance(buffers, list) or not len(buffers[0]):
             raise ValueError("RetrievalRecallMetric has no embeddings: call it on batches before aggregate().")
-        return retrieval_recall(buffers[0], buffers[1], self.ks)
+        r = retrieval_recall(buffers[0], buffers[1], (self.k,))
+        i2t, t2i = r[f"i2t_R@{self.k}"], r[f"t2i_R@{self.k}"]
+        return torch.tensor({"i2t": i2t, "t2i": t2i, "mean": (i2t + t2i) / 2}[self.direction])

@@ -1,0 +1,19 @@
+"""Pieces that run ELVIS pre-training on MONAI's ignite engines (``monai.engines.SupervisedTrainer`` and
+``SupervisedEvaluator``): batch preparation, the loss adapter, handlers and preparation helpers."""
+
+from monai_elvis.engines.vlp import (
+    GradientClipHandler,
+    MetricsJSONHandler,
+    attach_resume,
+    ObjectiveLoss,
+    ensure_tokenizer,
+    from_pred,
+    latest_checkpoint,
+    prepare_vlp_batch,
+    save_text_model,
+)
+
+__all__ = [
+    "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
+    "latest_checkpoint", "prepare_vlp_batch", "save_text_model",
+]  # fmt: skip

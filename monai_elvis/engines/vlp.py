@@ -1,0 +1,189 @@
+"""Vision-language pre-training on MONAI engines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+from torch import nn
+
+from monai_elvis.keys import Keys
+from monai_elvis.losses import ElvisLoss
+
+__all__ = [
+    "prepare_vlp_batch", "ObjectiveLoss", "GradientClipHandler", "MetricsJSONHandler", "from_pred",
+    "latest_checkpoint", "ensure_tokenizer", "save_text_model", "attach_resume",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+TEXT_KEYS = (Keys.INPUT_IDS, Keys.ATTENTION_MASK, Keys.SENTENCE_INDEX)
+
+
+def prepare_vlp_batch(batchdata: Mapping[str, Any], device: str | torch.device | None = None,
+                      non_blocking: bool = False, **kwargs: Any):  # fmt: skip
+    """``prepare_batch`` for MONAI engines: ``(image, None, (), {input_ids, attention_mask, sentence_index})``,
+    so that the inferer calls ``network(image, input_ids=..., attention_mask=..., sentence_index=...)``."""
+    missing = [k for k in (Keys.IMAGE, *TEXT_KEYS) if k not in batchdata]
+    if missing:
+        raise KeyError(f"an image-report batch needs {missing}; it has {sorted(batchdata)}.")
+    image = torch.as_tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking, **kwargs)
+    text = {k: torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking) for k in TEXT_KEYS}
+    return image, None, (), text
+
+
+class ObjectiveLoss(nn.Module):
+    """Adapts :class:`~monai_elvis.losses.ElvisLoss` to MONAI trainers, which call ``loss_function(pred, label)``
+    and expect a tensor: returns the total and keeps the last call's named terms (as floats) in :attr:`terms`."""
+
+    def __init__(self, objective: ElvisLoss) -> None:
+        super().__init__()
+        self.objective = objective
+        self.terms: dict[str, float] = {}
+
+    def forward(self, pred: Mapping[str, torch.Tensor], target: Any = None) -> torch.Tensor:
+        terms = self.objective(pred)
+        self.terms = {k: float(v.detach()) for k, v in terms.items()}
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(f"the pre-training loss is not finite: {self.terms}")
+        return terms["loss"]
+
+
+class GradientClipHandler:
+    """Clip the gradient norm of ``engine.network`` after each backward pass (before the optimizer steps).
+
+    Args:
+        max_norm: the largest total norm; ``None`` or ``<= 0`` disables clipping.
+    """
+
+    def __init__(self, max_norm: float | None = 1.0) -> None:
+        self.max_norm = max_norm
+
+    def attach(self, engine) -> None:
+        if self.max_norm and self.max_norm > 0:
+            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+class MetricsJSONHandler:
+    """Write ``engine.state.metrics`` (and the epoch) to a JSON file, atomically, when ``engine`` completes."""
+
+    def __init__(self, path: str | os.PathLike, trainer=None) -> None:
+        self.path = Path(path)
+        self.trainer = trainer
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        metrics = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in engine.state.metrics.items()}
+        record = {"epoch": int(self.trainer.state.epoch) if self.trainer is not None else int(engine.state.epoch),
+                  "metrics": metrics}  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, self.path)
+
+
+def from_pred(keys: Sequence[str]) -> Callable[[Mapping], tuple]:
+    """``output_transform`` picking entries of the network's output dict (``engine.state.output["pred"]``),
+    e.g. for :class:`monai.handlers.IgniteMetricHandler`: ``from_pred(["image_global", "text_global"])``."""
+    keys = list(keys)
+
+    def transform(output: Mapping) -> tuple:
+        pred = output[CommonKeys.PRED]
+        return tuple(pred[k].detach() for k in keys)
+
+    return transform
+
+
+_CKPT = re.compile(r"(\d+)\.pt$")
+
+
+def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
+    """The newest complete ``{prefix}*_<n>.pt`` in ``folder`` (largest ``n``), or ``None``; for resuming."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.glob(f"{prefix}*.pt"):
+        m = _CKPT.search(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return str(max(found)[1]) if found else None
+
+
+def ensure_tokenizer(folder: str | os.PathLike, datalist: str | os.PathLike, vocab_size: int = 4096,
+                     key: str = "training") -> str:  # fmt: skip
+    """A tokenizer folder: ``folder`` when it already holds one (e.g. a pretrained CXR-BERT folder), else a WordPiece tokenizer trained on the
+    reports of ``datalist[key]`` and saved there. Returns the folder."""
+    from monai_elvis.transforms import train_wordpiece_tokenizer
+
+    folder = Path(folder)
+    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return str(folder)
+    entries = json.loads(Path(datalist).read_text())[key]
+    texts = [e[Keys.REPORT] for e in entries if e.get(Keys.REPORT)]
+    if not texts:
+        raise ValueError(f"no report in {datalist}[{key!r}] to train a tokenizer on.")
+    logger.info("training a WordPiece tokenizer (%d words) on %d reports into %s", vocab_size, len(texts), folder)
+    train_wordpiece_tokenizer(texts, folder, vocab_size=vocab_size)
+    return str(folder)
+
+
+def save_text_model(network: nn.Module, tokenizer: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Save the network's text encoder (``save_pretrained``) and the tokenizer into ``folder``, so that
+    ``ReportTextEncoder(folder)`` and ``AutoTokenizer.from_pretrained(folder)`` load them."""
+    from transformers import AutoTokenizer
+
+    text_encoder = getattr(network, "text_encoder", None)
+    if text_encoder is None:
+        raise ValueError(f"{type(network).__name__} has no text_encoder to save.")
+    text_encoder.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(folder))
+
+
+def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, Any], prefix: str = "",
+                  every: int = 1, save: bool = True) -> str | None:  # fmt: skip
+    """Make ``trainer`` resumable: save ``objects`` plus the trainer's own state every ``every`` epochs into
+    ``ckpt_dir`` (one file kept, written atomically by ignite), and, when such a checkpoint exists already,
+    load it when the run starts so that training continues after the last completed epoch.
+
+    Returns the checkpoint it resumes from, or ``None``. Kept out of the handler list of the bundle config
+    because the trainer cannot reference itself there. ``save=False`` only loads (the other ranks of a
+    distributed run).
+    """
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    state = {**objects, "trainer": trainer}
+    latest = latest_checkpoint(ckpt_dir, f"{prefix}checkpoint")
+    if latest is not None:
+        logger.info("resuming from %s", latest)
+        CheckpointLoader(load_path=latest, load_dict=state, map_location=trainer.state.device).attach(trainer)
+    if save:
+        CheckpointSaver(save_dir=str(ckpt_dir), save_dict=state, file_prefix=prefix, save_interval=every, n_saved=1,
+                        epoch_level=True).attach(trainer)  # fmt: skip
+        from ignite.engine import Events
+
+        @trainer.on(Events.EPOCH_COMPLETED(every=every))
+        def _drop_older(_engine) -> None:  # also those left by the run that was resumed
+            keep = latest_checkpoint(ckpt_dir, f"{prefix}checkpoint")
+            for p in Path(ckpt_dir).glob(f"{prefix}checkpoint*.pt"):
+                if str(p) != keep and _CKPT.search(p.name):
+                    p.unlink(missing_ok=True)
+
+    return latest

@@ -1,0 +1,103 @@
+"""The pre-training bundle through MONAI's bundle runner, on a small phantom."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai.bundle import ConfigWorkflow
+from monai.bundle import run as bundle_run
+
+from monai_elvis.data.phantom import prepare_phantom
+from monai_elvis.networks import CXRImageEncoder, ElvisNet, ReportTextEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundles" / "elvis_pretrain" / "configs"
+TRAIN = str(CONFIGS / "train.json")
+TINY = dict(phantom_num=40, phantom_size=64, image_size=64, batch_size=8, num_workers=0, val_interval=1,
+            vocab_size=1000)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    prepare_phantom(out, num=TINY["phantom_num"], size=TINY["phantom_size"], workers=1)
+    return out
+
+
+def _run(config_files, bundle_root, dataset_dir, **overrides):
+    bundle_run(config_file=[str(c) for c in config_files], meta_file=str(CONFIGS / "metadata.json"),
+               logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(bundle_root),
+               dataset_dir=str(dataset_dir), **{**TINY, **overrides})  # fmt: skip
+
+
+def test_train_workflow_properties(phantom, tmp_path):
+    workflow = ConfigWorkflow(config_file=TRAIN, meta_file=str(CONFIGS / "metadata.json"), workflow_type="train",
+                              bundle_root=str(tmp_path), dataset_dir=str(phantom), **TINY)  # fmt: skip
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert workflow.max_epochs == 10 and workflow.dataset_dir == str(phantom)
+
+
+@pytest.mark.parametrize("objective", ["elvis", "lovt", "gloria", "convirt"])
+def test_two_iterations_per_objective(objective, phantom, tmp_path):
+    overlay = ROOT / "configs" / "objective" / f"{objective}.json"
+    _run([TRAIN, overlay], tmp_path, phantom, max_epochs=1, epoch_length=2)
+    models = tmp_path / "models"
+    state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125),
+                   ReportTextEncoder(config={"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
+                                             "num_attention_heads": 2, "intermediate_size": 128,
+                                             "max_position_embeddings": 128}))  # fmt: skip
+    net.load_state_dict(state)  # a plain state dict of the network
+    assert ReportTextEncoder(models / "text_model").hidden_size == 64
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["epoch"] == 1
+    assert set(metrics["metrics"]) == {"val_recall_at_1", "val_recall_at_5", "val_recall_at_10", "val_locality"}
+    assert all(0 <= v <= 1 or k == "val_locality" for k, v in metrics["metrics"].items())
+
+
+def test_resume_continues_after_the_last_epoch_and_evaluate(phantom, tmp_path):
+    _run([TRAIN], tmp_path, phantom, max_epochs=1, epoch_length=2)
+    first = tmp_path / "models" / "checkpoint_epoch=1.pt"
+    ckpt = torch.load(first, map_location="cpu", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 2 and ckpt["trainer"]["epoch_length"] == 2  # one epoch done
+    events_before = set((tmp_path / "eval").glob("events.out.tfevents.*"))
+    _run([TRAIN], tmp_path, phantom, max_epochs=2, epoch_length=2)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = set()
+    for f in set((tmp_path / "eval").glob("events.out.tfevents.*")) - events_before:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        if "train_loss" in acc.Tags()["scalars"]:
+            steps |= {e.step for e in acc.Scalars("train_loss")}
+    assert steps == {3, 4}  # the restarted run did only epoch 2: epoch 1 is not repeated
+    assert not first.exists() and (tmp_path / "models" / "checkpoint_epoch=2.pt").exists()
+    ckpt = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 4
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["epoch"] == 2
+    # evaluate.json on the saved model, on the test split
+    _run([TRAIN, CONFIGS / "evaluate.json"], tmp_path, phantom)
+    test_metrics = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+    assert "val_recall_at_1" in test_metrics["metrics"]
+
+
+def test_ddp_two_gloo_processes(phantom, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
+           "monai.bundle", "run", "--config_file", f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.json'}']",
+           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+           "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom), "--max_epochs", "1", "--epoch_length", "2"]
+    cmd += [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["epoch"] == 1
