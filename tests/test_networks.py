@@ -144,9 +144,14 @@ def test_text_encoder_reloads_offline_from_saved_folder(tmp_path):
     assert all(v == 0.0 for v in diffs.values()), diffs
 
 
-def test_text_encoder_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+def test_text_encoder_missing_folder_and_hub_names(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="text encoder folder not found: .*nope"):
         ReportTextEncoder(tmp_path / "nope")
+    # "org/name" is a hub name, not a folder: it goes to transformers (which cannot reach a hub here)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError) as err:
+        ReportTextEncoder("example-org/cxr-bert-does-not-exist", local_files_only=True)
+    assert "text encoder folder not found" not in str(err.value)
 
 
 # ---------------------------------------------------------------- heads and attention

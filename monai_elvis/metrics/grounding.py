@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
+
+from monai_elvis.metrics.base import ReducedIterationMetric
 
 __all__ = ["grounding_cnr", "pointing_game", "heatmap_iou", "GroundingMetric"]
 
@@ -53,7 +53,7 @@ def heatmap_iou(heatmap: torch.Tensor, mask: torch.Tensor, threshold: float = 0.
     return (p & m).sum(1).float() / (p | m).sum(1).clamp(min=1).float()
 
 
-class GroundingMetric(CumulativeIterationMetric):
+class GroundingMetric(ReducedIterationMetric):
     """Grounding quality accumulated over batches: ``metric(y_pred=heatmap, y=mask)``, then ``aggregate()``.
 
     Args:
@@ -66,12 +66,11 @@ class GroundingMetric(CumulativeIterationMetric):
 
     def __init__(self, metric_name: str = "cnr", threshold: float = 0.5,
                  reduction: MetricReduction | str = MetricReduction.MEAN) -> None:  # fmt: skip
-        super().__init__()
+        super().__init__(reduction)
         if metric_name not in self._FUNCS:
             raise ValueError(f"metric_name must be one of {sorted(self._FUNCS)}, got {metric_name!r}.")
         self.metric_name = metric_name
         self.threshold = threshold
-        self.reduction = reduction
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
@@ -79,10 +78,3 @@ class GroundingMetric(CumulativeIterationMetric):
         if self.metric_name == "iou":
             return heatmap_iou(y_pred, y, self.threshold)[:, None]
         return self._FUNCS[self.metric_name](y_pred, y)[:, None]
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("GroundingMetric has no values: call it on batches before aggregate().")
-        value, _ = do_metric_reduction(data, reduction or self.reduction)
-        return value

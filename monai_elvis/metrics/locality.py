@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from monai.metrics import CumulativeIterationMetric
 from monai.utils import MetricReduction
+
+from monai_elvis.metrics.base import ReducedIterationMetric
 
 from monai_elvis.utils import check_batch, check_ndim, l2_normalize
 
@@ -38,24 +39,14 @@ def locality_preservation(pre: torch.Tensor, post: torch.Tensor, eps: float = 1e
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=eps)
 
 
-class LocalityPreservationMetric(CumulativeIterationMetric):
+class LocalityPreservationMetric(ReducedIterationMetric):
     """:func:`locality_preservation` accumulated over batches: ``metric(y_pred=pre, y=post)``, then
     ``aggregate()`` (mean over images by default)."""
 
     def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
-        super().__init__()
-        self.reduction = reduction
+        super().__init__(reduction)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
             raise ValueError("LocalityPreservationMetric needs y_pred (pre-projection) and y (projected) features.")
         return locality_preservation(y_pred, y)[:, None]
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
-        from monai.metrics.utils import do_metric_reduction
-
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("LocalityPreservationMetric has no values: call it on batches before aggregate().")
-        value, _ = do_metric_reduction(data, reduction or self.reduction)
-        return value

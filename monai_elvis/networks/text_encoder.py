@@ -85,8 +85,10 @@ class ReportTextEncoder(nn.Module):
             self.model = BertModel(BertConfig(**{**TINY_BERT_CONFIG, **(config or {})}), add_pooling_layer=False)
         else:
             path = os.fspath(model_name_or_path)
-            if os.path.sep in path and not os.path.isdir(path):
+            looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
+            if looks_local and not os.path.isdir(os.path.expanduser(path)):
                 raise FileNotFoundError(f"text encoder folder not found: {path}")
+            path = os.path.expanduser(path)  # otherwise a hub name such as "org/model"
             hf_config = AutoConfig.from_pretrained(
                 path, trust_remote_code=trust_remote_code, local_files_only=local_files_only
             )
