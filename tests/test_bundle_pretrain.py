@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,24 @@ def test_ddp_two_gloo_processes(phantom, tmp_path):
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["epoch"] == 1
+
+
+def test_bad_samples_are_skipped_up_to_the_limit(phantom, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom, data)
+    first = json.loads((data / "datalist.json").read_text())["training"][0]["image"]
+    (data / first).write_bytes((data / first).read_bytes()[:60])  # a truncated PNG
+    _run([TRAIN], tmp_path / "ok", data, max_epochs=1, max_bad_samples=1)
+    assert (tmp_path / "ok" / "models" / "model.pt").is_file()
+    with pytest.raises(Exception) as info:
+        _run([TRAIN], tmp_path / "strict", data, max_epochs=1, max_bad_samples=0)
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    limit = [e for e in chain if type(e).__name__ == "BadSampleLimitError"]
+    assert limit, chain
+    assert re.search(r"1 bad samples, more than max_skips=0; the last, .*phantom_\d+\.png: CXRLoadError: cannot read",
+                     str(limit[0]))

@@ -225,3 +225,25 @@ def test_datalist_json_round_trip(tmp_path, mimic_tree):
     data = json.loads(out.read_text())
     assert set(data) == {"training", "validation", "test"}
     assert sorted(e["dicom_id"] for e in data["training"]) == ["d1", "d2"]
+
+
+def test_bad_samples_are_skipped_counted_and_limited(tmp_path, iu_tokenizer):
+    from monai_elvis.data import BadSampleLimitError, SkippingCacheDataset
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((16, 16), 100, np.uint8)).save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:40])
+    items = [{"image": str(good), "report": "Lungs are clear."}, {"image": str(cut), "report": "Heart normal."},
+             {"image": str(good), "report": "   "}, {"image": str(good), "report": "No effusion."}]  # fmt: skip
+    pipeline = Compose([LoadCXRd("image"), SplitSentencesd(), TokenizeReportd(tokenizer=iu_tokenizer)])
+    ds = SkippingCacheDataset(items, pipeline, max_skips=2)
+    batch = collate_reports([ds[i] for i in range(4)])
+    assert batch["image"].shape[0] == 2 and ds.skipped == 2
+    assert ds[0] is not None and ds.skipped == 2  # cached good samples are not re-counted
+    strict = SkippingCacheDataset(items, pipeline, max_skips=1)
+    strict[1]
+    with pytest.raises(BadSampleLimitError, match=r"2 bad samples, more than max_skips=1; the last, .*good.png: ReportError"):
+        strict[2]
+    with pytest.raises(ValueError, match="every sample of this batch was skipped"):
+        collate_reports([None, None])

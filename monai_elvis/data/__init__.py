@@ -1,4 +1,4 @@
-"""Data layer: datalist builders, the text collate and the public data sources."""
+"""Data layer: datalist builders, the text collate, a bad-sample-skipping dataset and the public data sources."""
 
 from monai_elvis.data.builders import (
     BUILDERS,
@@ -14,6 +14,7 @@ from monai_elvis.data.builders import (
     subsample_training,
 )
 from monai_elvis.data.collate import TEXT_PAD_VALUES, collate_reports
+from monai_elvis.data.skipping import BadSampleLimitError, SkippingCacheDataset
 
 __all__ = [
     "BUILDERS",
@@ -29,4 +30,6 @@ __all__ = [
     "subsample_training",
     "collate_reports",
     "TEXT_PAD_VALUES",
+    "BadSampleLimitError",
+    "SkippingCacheDataset",
 ]

@@ -23,12 +23,16 @@ def collate_reports(batch: Sequence[Mapping[str, Any]], pad_values: Mapping[str,
     ``attention_mask`` with 0 and ``sentence_index`` with -1; the ``report`` (text or list of sentences) and
     any other list-valued entry are kept as lists of the samples' values; every other key goes through MONAI's
     :func:`~monai.data.utils.list_data_collate`.
+    Samples that are ``None`` (skipped as bad by :class:`~monai_elvis.data.SkippingCacheDataset`) are dropped.
     Usable as ``collate_fn`` of MONAI's and PyTorch's data loaders.
     """
     if not batch:
         raise ValueError("cannot collate an empty batch.")
     pads = {**TEXT_PAD_VALUES, **(pad_values or {})}
-    batch = [item for sample in batch for item in (sample if isinstance(sample, list) else [sample])]
+    # a list sample holds several crops of one item; None is a sample skipped as bad (SkippingCacheDataset)
+    batch = [item for sample in batch for item in (sample if isinstance(sample, list) else [sample]) if item is not None]
+    if not batch:
+        raise ValueError("every sample of this batch was skipped as bad.")
     text_keys = [k for k in pads if k in batch[0]]
     # text and other variable-length lists (sentences, finding names) stay lists of per-sample values
     list_keys = [k for k, v in batch[0].items() if k == Keys.REPORT or (k not in text_keys and isinstance(v, (list, tuple)))]
