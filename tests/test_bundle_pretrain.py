@@ -60,8 +60,11 @@ def test_two_iterations_per_objective(objective, phantom, tmp_path):
     assert ReportTextEncoder(models / "text_model").hidden_size == 64
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["epoch"] == 1
-    assert set(metrics["metrics"]) == {"val_recall_at_1", "val_recall_at_5", "val_recall_at_10", "val_locality"}
-    assert all(0 <= v <= 1 or k == "val_locality" for k, v in metrics["metrics"].items())
+    assert set(metrics["metrics"]) == {"val_recall_at_1", "val_recall_at_5", "val_recall_at_10", "val_locality",
+                                       "val_grounding_cnr", "val_grounding_pointing"}  # fmt: skip
+    m = metrics["metrics"]
+    assert all(0 <= m[k] <= 1 for k in ("val_recall_at_1", "val_recall_at_5", "val_recall_at_10", "val_grounding_pointing"))
+    assert -1 <= m["val_locality"] <= 1 and m["val_grounding_cnr"] >= 0
 
 
 def test_resume_continues_after_the_last_epoch_and_evaluate(phantom, tmp_path):

@@ -36,6 +36,7 @@ __all__ = [
     "build_siim",
     "build_rsna",
     "build_iu_xray",
+    "load_grounding_datalist",
     "BUILDERS",
 ]
 
@@ -411,6 +412,13 @@ def build_iu_xray(
                 yield splits[rep["id"]], {Keys.IMAGE: str(path), Keys.REPORT: text, "report_id": rep["id"]}
 
     return _datalist(entries(), summary), summary
+
+
+def load_grounding_datalist(root: str | os.PathLike, csv_path: str | os.PathLike | None = None,
+                            split: str = "validation", seed: int = 0) -> list[dict]:  # fmt: skip
+    """The ``split`` entries of :func:`build_ms_cxr` with absolute image paths, ready for transforms."""
+    datalist, _ = build_ms_cxr(root, csv_path, seed=seed)
+    return [{**e, Keys.IMAGE: str(Path(root) / e[Keys.IMAGE])} for e in datalist[split]]
 
 
 BUILDERS = {

@@ -9,11 +9,12 @@ from monai_elvis.engines.vlp import (
     ensure_tokenizer,
     from_pred,
     latest_checkpoint,
+    prepare_grounding_batch,
     prepare_vlp_batch,
     save_text_model,
 )
 
 __all__ = [
     "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
-    "latest_checkpoint", "prepare_vlp_batch", "save_text_model",
+    "latest_checkpoint", "prepare_grounding_batch", "prepare_vlp_batch", "save_text_model",
 ]  # fmt: skip

@@ -19,12 +19,22 @@ from monai_elvis.keys import Keys
 from monai_elvis.losses import ElvisLoss
 
 __all__ = [
-    "prepare_vlp_batch", "ObjectiveLoss", "GradientClipHandler", "MetricsJSONHandler", "from_pred",
+    "prepare_vlp_batch", "prepare_grounding_batch", "ObjectiveLoss", "GradientClipHandler", "MetricsJSONHandler", "from_pred",
     "latest_checkpoint", "ensure_tokenizer", "save_text_model", "attach_resume",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 TEXT_KEYS = (Keys.INPUT_IDS, Keys.ATTENTION_MASK, Keys.SENTENCE_INDEX)
+
+
+def prepare_grounding_batch(batchdata: Mapping[str, Any], device: str | torch.device | None = None,
+                            non_blocking: bool = False, **kwargs: Any):  # fmt: skip
+    """Like :func:`prepare_vlp_batch` for phrase-grounding batches, with the box mask ``label`` as the target."""
+    image, _, args, text = prepare_vlp_batch(batchdata, device, non_blocking, **kwargs)
+    if Keys.LABEL not in batchdata:
+        raise KeyError(f"a grounding batch needs '{Keys.LABEL}' (the box mask); it has {sorted(batchdata)}.")
+    label = torch.as_tensor(batchdata[Keys.LABEL]).to(device=device, non_blocking=non_blocking)
+    return image, label, args, text
 
 
 def prepare_vlp_batch(batchdata: Mapping[str, Any], device: str | torch.device | None = None,
@@ -78,7 +88,8 @@ class GradientClipHandler:
 
 
 class MetricsJSONHandler:
-    """Write ``engine.state.metrics`` (and the epoch) to a JSON file, atomically, when ``engine`` completes."""
+    """Write ``engine.state.metrics`` (and the epoch) to a JSON file, atomically, when ``engine`` completes;
+    the metrics of several evaluators of the same epoch (retrieval, grounding) are merged into one file."""
 
     def __init__(self, path: str | os.PathLike, trainer=None) -> None:
         self.path = Path(path)
@@ -91,8 +102,15 @@ class MetricsJSONHandler:
 
     def __call__(self, engine) -> None:
         metrics = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in engine.state.metrics.items()}
-        record = {"epoch": int(self.trainer.state.epoch) if self.trainer is not None else int(engine.state.epoch),
-                  "metrics": metrics}  # fmt: skip
+        epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(engine.state.epoch)
+        if self.path.is_file():  # another evaluator of the same epoch wrote first: keep its figures
+            try:
+                previous = json.loads(self.path.read_text())
+                if previous.get("epoch") == epoch:
+                    metrics = {**previous.get("metrics", {}), **metrics}
+            except (OSError, ValueError):
+                pass
+        record = {"epoch": epoch, "metrics": metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))

@@ -57,7 +57,8 @@ class GroundingMetric(ReducedIterationMetric):
     """Grounding quality accumulated over batches: ``metric(y_pred=heatmap, y=mask)``, then ``aggregate()``.
 
     Args:
-        metric_name: ``"cnr"``, ``"pointing"`` or ``"iou"``.
+        metric_name: ``"cnr"``, ``"pointing"`` or ``"iou"``. An item whose mask is empty or covers the whole
+            image (a box lost in resizing) counts as NaN, which the mean reduction leaves out.
         threshold: of ``"iou"``.
         reduction: MONAI metric reduction (mean by default).
     """
@@ -75,6 +76,12 @@ class GroundingMetric(ReducedIterationMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
             raise ValueError("GroundingMetric needs y (the ground-truth mask).")
-        if self.metric_name == "iou":
-            return heatmap_iou(y_pred, y, self.threshold)[:, None]
-        return self._FUNCS[self.metric_name](y_pred, y)[:, None]
+        b = y_pred.shape[0]
+        m = y.reshape(b, -1).bool()
+        valid = m.any(1) & ~m.all(1)  # a box lost (or filling the image) after resizing cannot be scored
+        out = torch.full((b, 1), float("nan"), device=y_pred.device)
+        if valid.any():
+            fn = self._FUNCS[self.metric_name]
+            args = (self.threshold,) if self.metric_name == "iou" else ()
+            out[valid, 0] = fn(y_pred[valid], y[valid], *args).to(out.dtype)
+        return out

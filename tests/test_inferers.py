@@ -1,0 +1,67 @@
+"""Phrase grounding inferer and the grounding pieces of the engines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from monai_elvis.engines import MetricsJSONHandler
+from monai_elvis.inferers import PhraseGroundingInferer, region_similarity_map
+from monai_elvis.keys import OutKeys
+from monai_elvis.metrics import GroundingMetric
+from monai_elvis.networks import CXRImageEncoder, ElvisNet, ReportTextEncoder
+
+
+def test_region_similarity_map_hand_computed():
+    # 2x2 regions; the phrase points along region 3's direction
+    out = {
+        OutKeys.IMAGE_LOCAL: torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]]]),
+        OutKeys.TEXT_SENTENCE: torch.tensor([[[2.0, 2.0], [5.0, -1.0]]]),  # only the first sentence counts
+        OutKeys.IMAGE_GRID: (2, 2),
+    }
+    raw = region_similarity_map(out, normalize=False)
+    c = 2**-0.5
+    assert torch.allclose(raw, torch.tensor([[[[c, c], [-c, 1.0]]]]), atol=1e-6)
+    norm = region_similarity_map(out, size=(4, 4))
+    assert norm.shape == (1, 1, 4, 4) and float(norm.min()) == 0.0 and float(norm.max()) == 1.0
+
+
+def test_phrase_grounding_inferer_on_elvis_net():
+    net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125),
+                   ReportTextEncoder(config={"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "intermediate_size": 32}), embed_dim=8).eval()  # fmt: skip
+    ids = torch.randint(5, 50, (2, 6))
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "sentence_index": torch.tensor([[-1, 0, 0, 0, 0, -1]] * 2)}  # fmt: skip
+    with torch.no_grad():
+        heat = PhraseGroundingInferer()(torch.randn(2, 1, 96, 64), net, **text)
+    assert heat.shape == (2, 1, 96, 64) and 0 <= float(heat.min()) and float(heat.max()) <= 1
+
+
+def test_grounding_metric_leaves_out_lost_boxes():
+    heat = torch.rand(3, 1, 4, 4)
+    mask = torch.zeros(3, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, :2, :2] = True
+    mask[2, 0, 1:, 1:] = True  # item 1 has no box left
+    m = GroundingMetric("cnr")
+    m(y_pred=heat, y=mask)
+    from monai_elvis.metrics import grounding_cnr
+
+    expected = grounding_cnr(heat[[0, 2]], mask[[0, 2]]).mean()
+    assert m.aggregate().item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_metrics_json_merges_evaluators_of_one_epoch(tmp_path):
+    class Engine:
+        def __init__(self, epoch, metrics):
+            self.state = type("S", (), {"epoch": epoch, "metrics": metrics})()
+
+    path = tmp_path / "metrics.json"
+    handler = MetricsJSONHandler(path)
+    handler(Engine(2, {"a": torch.tensor(0.5)}))
+    handler(Engine(2, {"b": 1}))
+    assert json.loads(path.read_text()) == {"epoch": 2, "metrics": {"a": 0.5, "b": 1.0}}
+    handler(Engine(3, {"b": 2}))
+    assert json.loads(path.read_text()) == {"epoch": 3, "metrics": {"b": 2.0}}
