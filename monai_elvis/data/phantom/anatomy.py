@@ -16,6 +16,7 @@ __all__ = ["PhantomAnatomy", "AnatomyError", "LOBES", "default_ct_files", "HU_WA
 logger = logging.getLogger(__name__)
 
 HU_WATER_MU = 0.02  # linear attenuation of water per mm at a diagnostic energy (~70 keV)
+PREPARATION_VERSION = 2  # bump when from_files changes what it computes: cached anatomies are rebuilt
 
 # lobe name -> (side, report wording)
 LOBES: dict[str, tuple[str, str]] = {
@@ -60,15 +61,14 @@ def _load_nifti(path: Path, what: str):
         raise AnatomyError(f"{what} not found: {path}")
     try:
         img = nib.load(str(path))
-        img = nib.as_closest_canonical(img)  # RAS: axis 0 towards the patient's right... see _to_las
+        img = nib.as_closest_canonical(img)  # axes pointing to the patient's right, anterior, superior
         data = np.asarray(img.dataobj)
     except Exception as e:  # nibabel and gzip raise many kinds of errors on broken files
         raise AnatomyError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
     if data.ndim != 3:
         raise AnatomyError(f"{what} {path} must be a 3D volume, got shape {data.shape}.")
-    # canonical RAS: index 0 grows towards the patient's Right-to-Left? nibabel's 'R' means the axis points to
-    # the right, so flip axis 0 to have it point to the patient's left (the image's right on a frontal view).
-    return data[::-1], np.abs(np.diag(img.affine)[:3])
+    # flip axis 0 so that it points to the patient's left: the image's right on a frontal (PA) radiograph
+    return data[::-1], np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))  # voxel size in mm per axis
 
 
 @dataclass
@@ -155,7 +155,7 @@ class PhantomAnatomy:
         """:meth:`from_files`, kept as an ``.npz`` in the cache under the sha256 of the inputs and settings."""
         from monai_elvis.data.sources import cache_dir
 
-        h = hashlib.sha256(repr(sorted(kwargs.items())).encode())
+        h = hashlib.sha256(repr((PREPARATION_VERSION, sorted(kwargs.items()))).encode())
         for path in (ct, labels, structures):
             if not Path(path).is_file():
                 raise AnatomyError(f"file not found: {path}")
