@@ -5,6 +5,11 @@ Sub-packages:
 - :mod:`monai_elvis.networks`: image and text encoders, projection heads, cross-modal attention, :class:`ElvisNet`.
 - :mod:`monai_elvis.losses`: global contrastive, local alignment (one_hot | spatial | intra_modal), GLoRIA-style
   local loss and the combined :class:`ElvisLoss`.
+- :mod:`monai_elvis.transforms`: CXR loading (DICOM/PNG/JPEG), report sections, sentences, tokenisation, labels.
+- :mod:`monai_elvis.data`: datalist builders, the text collate, the phantom dataset (:mod:`monai_elvis.data.phantom`).
+- :mod:`monai_elvis.metrics`: retrieval recall@K, locality preservation, grounding CNR / pointing game / IoU.
+- :mod:`monai_elvis.engines`: pieces that run pre-training on MONAI's ignite engines.
+- :mod:`monai_elvis.inferers`: phrase-grounding heatmaps.
 - :mod:`monai_elvis.keys`: the one dictionary-key vocabulary used end to end.
 """
 
