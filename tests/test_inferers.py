@@ -65,3 +65,22 @@ def test_metrics_json_merges_evaluators_of_one_epoch(tmp_path):
     assert json.loads(path.read_text()) == {"epoch": 2, "metrics": {"a": 0.5, "b": 1.0}}
     handler(Engine(3, {"b": 2}))
     assert json.loads(path.read_text()) == {"epoch": 3, "metrics": {"b": 2.0}}
+
+
+@pytest.mark.parametrize("acc,epoch_length,expected", [(1, 5, [1, 2, 3, 4, 5]), (2, 5, [2, 4, 5]), (3, None, [3])])
+def test_gradient_clip_runs_once_per_optimizer_step(acc, epoch_length, expected):
+    from monai_elvis.engines import GradientClipHandler
+
+    net = torch.nn.Linear(2, 1)
+    engine = type("E", (), {})()
+    engine.network, engine.accumulation_steps, engine.amp = net, acc, False
+    engine.state = type("S", (), {"epoch_length": epoch_length})()
+    clipped = []
+    handler = GradientClipHandler(max_norm=0.1)
+    for it in range(1, 6):
+        engine.state.iteration = it
+        net.weight.grad = torch.full_like(net.weight, 10.0)
+        handler(engine)
+        if net.weight.grad.norm() <= 0.1 + 1e-6:
+            clipped.append(it)
+    assert clipped == expected

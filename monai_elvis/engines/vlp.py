@@ -67,7 +67,11 @@ class ObjectiveLoss(nn.Module):
 
 
 class GradientClipHandler:
-    """Clip the gradient norm of ``engine.network`` after each backward pass (before the optimizer steps).
+    """Clip the gradient norm of ``engine.network`` once per optimizer step, just before it.
+
+    With gradient accumulation (``engine.accumulation_steps > 1``) the gradients are clipped only after the
+    last backward pass of each accumulation window (as MONAI's trainer decides when to step), and under AMP with
+    a gradient scaler they are unscaled once, first.
 
     Args:
         max_norm: the largest total norm; ``None`` or ``<= 0`` disables clipping.
@@ -80,7 +84,22 @@ class GradientClipHandler:
         if self.max_norm and self.max_norm > 0:
             engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
+    @staticmethod
+    def steps_now(engine) -> bool:
+        """Whether the optimizer steps after this iteration's backward pass."""
+        acc = int(getattr(engine, "accumulation_steps", 1) or 1)
+        if acc <= 1:
+            return True
+        epoch_length = engine.state.epoch_length
+        it = engine.state.iteration - 1
+        if epoch_length is None:
+            return (it + 1) % acc == 0
+        local = it % epoch_length
+        return (local + 1) % acc == 0 or local + 1 == epoch_length
+
     def __call__(self, engine) -> None:
+        if not self.steps_now(engine):
+            return
         scaler = getattr(engine, "scaler", None)
         if getattr(engine, "amp", False) and scaler is not None:
             scaler.unscale_(engine.optimizer)
