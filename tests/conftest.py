@@ -84,3 +84,32 @@ def _write_dicom(path, pixels, photometric: str = "MONOCHROME2", bits: int | Non
 def write_dicom():
     """``write_dicom(path, pixels, photometric="MONOCHROME2", bits=None, **tags)`` -> path."""
     return _write_dicom
+
+
+PRETRAIN_TINY = dict(phantom_num=40, phantom_size=64, image_size=64, batch_size=8, num_workers=0, val_interval=1,
+                     vocab_size=1000)  # fmt: skip
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory) -> Path:
+    """A 40-study phantom at 64 px (training / validation / test splits)."""
+    from monai_elvis.data.phantom import prepare_phantom
+
+    out = tmp_path_factory.mktemp("phantom")
+    prepare_phantom(out, num=PRETRAIN_TINY["phantom_num"], size=PRETRAIN_TINY["phantom_size"], workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_bundle(tmp_path_factory, phantom) -> Path:
+    """The root of a pre-training bundle run (tiny model, 2 iterations) on :func:`phantom`: ``models/model.pt``,
+    ``models/text_model``, ``models/tokenizer``."""
+    from monai.bundle import run
+
+    root = tmp_path_factory.mktemp("pretrain")
+    configs = BUNDLES / "elvis_pretrain" / "configs"
+    run(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
+        logging_file=str(configs / "logging.conf"), bundle_root=str(root), dataset_dir=str(phantom),
+        **{**PRETRAIN_TINY, "max_epochs": 1, "epoch_length": 2, "validate_grounding": False})  # fmt: skip
+    return root

@@ -15,7 +15,6 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.bundle import run as bundle_run
 
-from monai_elvis.data.phantom import prepare_phantom
 from monai_elvis.networks import CXRImageEncoder, ElvisNet, ReportTextEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +22,6 @@ CONFIGS = ROOT / "bundles" / "elvis_pretrain" / "configs"
 TRAIN = str(CONFIGS / "train.json")
 TINY = dict(phantom_num=40, phantom_size=64, image_size=64, batch_size=8, num_workers=0, val_interval=1,
             vocab_size=1000)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    prepare_phantom(out, num=TINY["phantom_num"], size=TINY["phantom_size"], workers=1)
-    return out
 
 
 def _run(config_files, bundle_root, dataset_dir, **overrides):

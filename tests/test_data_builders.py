@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +248,27 @@ def test_bad_samples_are_skipped_counted_and_limited(tmp_path, iu_tokenizer):
         strict[2]
     with pytest.raises(ValueError, match="every sample of this batch was skipped"):
         collate_reports([None, None])
+
+
+def test_datalist_split_paths_fraction_and_errors(tmp_path):
+    from monai_elvis.data import datalist_split, list_images
+
+    entries = [{"image": f"images/{i}.png", "label": ["-1"], "id": i} for i in range(20)]
+    (tmp_path / "d.json").write_text(json.dumps({"training": entries, "validation": entries[:2]}))
+    out = datalist_split(tmp_path / "d.json", "training", fraction=0.25, seed=3)
+    assert len(out) == 5 and out[0]["image"] == str(tmp_path / "images" / f"{out[0]['id']}.png")
+    assert out[0]["label"] == ["-1"]  # not a path key: left alone
+    ids = [e["id"] for e in out]
+    assert ids == sorted(ids) and ids == [e["id"] for e in datalist_split(tmp_path / "d.json", "training", fraction=0.25, seed=3)]
+    assert ids != [e["id"] for e in datalist_split(tmp_path / "d.json", "training", fraction=0.25, seed=4)]
+    assert len(datalist_split({"test": entries}, "test", "/data")) == 20
+    with pytest.raises(KeyError, match="d.json has no 'test' split; it has \\['training', 'validation'\\]"):
+        datalist_split(tmp_path / "d.json", "test")
+    with pytest.raises(ValueError, match="entry 0 of 'training' has no 'mask'"):
+        datalist_split(tmp_path / "d.json", "training", path_keys=["mask"])
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("b.png", "sub/a.dcm", "notes.txt"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+    assert [Path(e["image"]).name for e in list_images(tmp_path / "in")] == ["b.png", "a.dcm"]
+    with pytest.raises(FileNotFoundError, match="no .png"):
+        list_images(tmp_path / "in" / "sub", suffixes=(".png",))

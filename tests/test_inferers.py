@@ -84,3 +84,16 @@ def test_gradient_clip_runs_once_per_optimizer_step(acc, epoch_length, expected)
         if net.weight.grad.norm() <= 0.1 + 1e-6:
             clipped.append(it)
     assert clipped == expected
+
+
+def test_metrics_json_names_vector_metrics_and_writes_nan_as_null(tmp_path):
+    class Engine:
+        state = type("S", (), {"epoch": 1, "metrics": {"dice": torch.tensor([0.25, float("nan")]),
+                                                       "raw": torch.tensor([1.0, 2.0]), "cnr": float("nan")}})()  # fmt: skip
+
+    path = tmp_path / "m.json"
+    MetricsJSONHandler(path, names={"dice": ["nodule", "effusion"]})(Engine())
+    assert json.loads(path.read_text())["metrics"] == {"dice": {"nodule": 0.25, "effusion": None},
+                                                       "raw": [1.0, 2.0], "cnr": None}  # fmt: skip
+    with pytest.raises(ValueError, match="'dice' has 2 values but 1 names"):
+        MetricsJSONHandler(path, names={"dice": ["nodule"]})(Engine())

@@ -14,6 +14,7 @@ import torch
 from monai_elvis.keys import OutKeys
 from monai_elvis.losses import ElvisLoss, LocalAlignmentLoss
 from monai_elvis.networks import (
+    ElvisUNet,
     CrossModalAttention,
     CXRImageEncoder,
     ElvisNet,
@@ -205,3 +206,44 @@ def test_elvis_net_batch_mismatch():
     ids, mask, sidx = _text_batch()
     with pytest.raises(ValueError, match=r"image \(3, 1, 64, 64\) and input_ids \(4, 14\)"):
         net(torch.randn(3, 1, 64, 64), ids, mask, sidx)
+
+
+def test_elvis_unet_shapes_any_size_and_scriptable():
+    import warnings
+
+    net = ElvisUNet(1, 3, "resnet18", 0.125, decoder_channels=(32, 16, 16, 8, 8)).eval()
+    for h, w in [(64, 64), (70, 45), (33, 97)]:  # odd sizes: padded to a multiple of 32 and cropped back
+        assert net(torch.randn(2, 1, h, w)).shape == (2, 3, h, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(net)
+    x = torch.randn(1, 1, 70, 45)
+    torch.testing.assert_close(scripted(x), net(x))
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        net(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="5 values"):
+        ElvisUNet(decoder_channels=(8, 8))
+
+
+def test_elvis_unet_from_a_pretraining_checkpoint_and_frozen(tmp_path):
+    elvis = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125))
+    torch.save(elvis.state_dict(), tmp_path / "model.pt")
+    torch.save({"model": elvis.image_encoder.state_dict()}, tmp_path / "checkpoint.pt")  # a bare encoder, nested
+    for path in (tmp_path / "model.pt", tmp_path / "checkpoint.pt"):
+        net = ElvisUNet(1, 2, "resnet18", 0.125, pretrained_ckpt=path, freeze_encoder=True)
+        for name, value in elvis.image_encoder.backbone.state_dict().items():
+            assert torch.equal(net.encoder.state_dict()[name], value), name
+    net.train()
+    assert not net.encoder.training and net.decoder.training  # batch-norm statistics stay fixed
+    assert all(not p.requires_grad for p in net.encoder.parameters())
+    assert all(p.requires_grad for p in net.decoder.parameters())
+    loss = net(torch.randn(2, 1, 64, 64)).sum()
+    loss.backward()
+    assert all(p.grad is None for p in net.encoder.parameters())
+    before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    net(torch.randn(2, 1, 64, 64))
+    assert all(torch.equal(before[k], v) for k, v in net.encoder.state_dict().items())
+    with pytest.raises(ValueError, match="model.pt: .*other shapes"):
+        ElvisUNet(1, 2, "resnet18", 0.25, pretrained_ckpt=tmp_path / "model.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        ElvisUNet(1, 2, "resnet18", 0.125, pretrained_ckpt=tmp_path / "missing.pt")

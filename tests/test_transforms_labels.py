@@ -95,3 +95,39 @@ def test_boxes_mask_round_trip_and_following_a_resize(tmp_path, write_dicom):
     assert torch.equal(torch.as_tensor(late["label"]), torch.as_tensor(out["label"]))
     with pytest.raises(ValueError, match="negative width"):
         BoxesToMask((10, 10))([[1, 1, -2, 3]])
+
+
+def test_load_label_map_keeps_values_and_orientation(tmp_path):
+    from PIL import Image
+
+    from monai_elvis.transforms import LoadLabelMap, LoadLabelMapd
+
+    labels = np.zeros((5, 7), np.uint8)
+    labels[0, 6] = 3  # top right
+    labels[4, 0] = 6  # bottom left
+    Image.fromarray(labels).save(tmp_path / "l.png")
+    out = LoadLabelMapd("label", num_classes=7)({"label": str(tmp_path / "l.png")})["label"]
+    assert out.shape == (1, 5, 7) and out.dtype == torch.int64
+    assert out[0, 0, 6] == 3 and out[0, 4, 0] == 6 and int(out.sum()) == 9
+    assert out.meta["original_size"] == (5, 7)
+    with pytest.raises(ValueError, match="l.png holds class 6, but there are only 4 classes"):
+        LoadLabelMap(num_classes=4)(tmp_path / "l.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="rgb.png"):
+        LoadLabelMap()(tmp_path / "rgb.png")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        LoadLabelMap()(tmp_path / "nope.png")
+
+
+def test_rle_mask_takes_the_reference_image_size(tmp_path, write_dicom):
+    path = write_dicom(tmp_path / "x.dcm", np.arange(12 * 10, dtype=np.uint16).reshape(12, 10))
+    d = LoadCXRd("image")({"image": str(path), "label": ["3 4", "-1"]})
+    out = RLEToMaskd("label", ref_key="image")(d)["label"]
+    assert out.shape == (1, 12, 10)
+    # column-major pixels 3..6: column 0, rows 3 to 6
+    expected = np.zeros((12, 10), np.uint8)
+    expected[3:7, 0] = 1
+    assert np.array_equal(out[0].numpy(), expected)
+    assert torch.equal(out.affine, d["image"].affine)
+    with pytest.raises(ValueError, match="x.dcm"):
+        RLEToMaskd("label", ref_key="image")({**d, "label": "200 5"})  # runs past a 12x10 image

@@ -37,6 +37,8 @@ __all__ = [
     "build_rsna",
     "build_iu_xray",
     "load_grounding_datalist",
+    "datalist_split",
+    "list_images",
     "BUILDERS",
 ]
 
@@ -419,6 +421,69 @@ def load_grounding_datalist(root: str | os.PathLike, csv_path: str | os.PathLike
     """The ``split`` entries of :func:`build_ms_cxr` with absolute image paths, ready for transforms."""
     datalist, _ = build_ms_cxr(root, csv_path, seed=seed)
     return [{**e, Keys.IMAGE: str(Path(root) / e[Keys.IMAGE])} for e in datalist[split]]
+
+
+def datalist_split(
+    datalist: dict[str, list] | str | os.PathLike,
+    split: str,
+    base_dir: str | os.PathLike | None = None,
+    path_keys: Sequence[str] = (Keys.IMAGE,),
+    fraction: float = 1.0,
+    seed: int = 0,
+) -> list[dict]:
+    """One split of a datalist, with the paths under ``path_keys`` made absolute, and a seeded ``fraction`` of
+    it kept (for label-efficiency runs; :func:`subsample_training` with the same seed keeps the same entries).
+
+    Args:
+        datalist: a datalist dict (as the builders return) or the path of a datalist JSON file.
+        split: ``"training"``, ``"validation"`` or ``"test"``.
+        base_dir: the folder relative paths refer to (default: the JSON file's folder).
+        path_keys: keys whose string values are file paths; other values (RLE strings, boxes) are left alone.
+        fraction: in ``(0, 1]``.
+
+    Raises ``KeyError`` naming the datalist and its splits when ``split`` is absent, ``ValueError`` for an entry
+    without a path key.
+    """
+    import json
+
+    source = "datalist"
+    if not isinstance(datalist, dict):
+        source = str(datalist)
+        path = Path(datalist)
+        if not path.is_file():
+            raise FileNotFoundError(f"datalist not found: {path}")
+        try:
+            datalist = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetFormatError(f"datalist {path} is not valid JSON: {e}") from e
+        base_dir = path.parent if base_dir is None else base_dir
+    if split not in datalist:
+        raise KeyError(f"{source} has no {split!r} split; it has {sorted(datalist)}.")
+    entries = subsample_training({"training": list(datalist[split])}, fraction, seed)["training"]
+    out = []
+    for i, entry in enumerate(entries):
+        entry = dict(entry)
+        for key in path_keys:
+            if key not in entry:
+                raise ValueError(f"{source}: entry {i} of {split!r} has no {key!r}: {entry}")
+            if base_dir is not None and isinstance(entry[key], str):
+                entry[key] = str(Path(base_dir) / entry[key])
+        out.append(entry)
+    return out
+
+
+def list_images(folder: str | os.PathLike, suffixes: Sequence[str] = (".png", ".jpg", ".jpeg", ".dcm")) -> list[dict]:
+    """``[{"image": path}, ...]`` for every file under ``folder`` (recursively) with one of ``suffixes``, sorted.
+
+    Raises ``FileNotFoundError`` when the folder is missing or holds no such file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(suffixes)} files in {folder}.")
+    return [{Keys.IMAGE: str(p)} for p in files]
 
 
 BUILDERS = {

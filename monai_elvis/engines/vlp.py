@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import re
@@ -108,11 +109,34 @@ class GradientClipHandler:
 
 class MetricsJSONHandler:
     """Write ``engine.state.metrics`` (and the epoch) to a JSON file, atomically, when ``engine`` completes;
-    the metrics of several evaluators of the same epoch (retrieval, grounding) are merged into one file."""
+    the metrics of several evaluators of the same epoch (retrieval, grounding) are merged into one file.
 
-    def __init__(self, path: str | os.PathLike, trainer=None) -> None:
+    Args:
+        path: the JSON file.
+        trainer: when given, its epoch is recorded (an evaluator's own epoch is always 1).
+        names: for vector-valued metrics (e.g. a per-class Dice with ``reduction="mean_batch"``), the names of
+            their elements: ``{"test_dice_per_class": ["nodule", ...]}`` writes ``{"nodule": 0.71, ...}``.
+            Vector metrics without names are written as lists; NaN (a class never present) as ``null``.
+    """
+
+    def __init__(self, path: str | os.PathLike, trainer=None, names: Mapping[str, Sequence[str]] | None = None) -> None:
         self.path = Path(path)
         self.trainer = trainer
+        self.names = dict(names or {})
+
+    def _value(self, key: str, v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.numel() > 1:
+            values = [None if math.isnan(x) else x for x in v.detach().float().flatten().tolist()]
+            names = self.names.get(key)
+            if names is not None:
+                if len(names) != len(values):
+                    raise ValueError(f"metric {key!r} has {len(values)} values but {len(names)} names: {list(names)}.")
+                return dict(zip(names, values))
+            return values
+        if isinstance(v, (int, float, torch.Tensor)):
+            v = float(v)
+            return None if math.isnan(v) else v
+        return v
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -120,7 +144,7 @@ class MetricsJSONHandler:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        metrics = {k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in engine.state.metrics.items()}
+        metrics = {k: self._value(k, v) for k, v in engine.state.metrics.items()}
         epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(engine.state.epoch)
         if self.path.is_file():  # another evaluator of the same epoch wrote first: keep its figures
             try:

@@ -1,8 +1,9 @@
-"""Networks of monai-elvis: encoders, projection heads, cross-modal attention and :class:`ElvisNet`."""
+"""Networks of monai-elvis: encoders, projection heads, cross-modal attention and :class:`ElvisNet`, and the segmentation :class:`ElvisUNet`."""
 
 from monai_elvis.networks.elvis_net import ElvisNet
 from monai_elvis.networks.heads import CrossModalAttention, ProjectionHead
 from monai_elvis.networks.image_encoder import RESNET_ARCHS, CXRImageEncoder
+from monai_elvis.networks.segmentation import ElvisUNet
 from monai_elvis.networks.text_encoder import TINY_BERT_CONFIG, ReportTextEncoder, pool_sentences
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "ProjectionHead",
     "CrossModalAttention",
     "ElvisNet",
+    "ElvisUNet",
 ]

@@ -79,14 +79,25 @@ class CXRImageEncoder(nn.Module):
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
+        try:
+            self.load_state_dict_from(state, prefix)
+        except ValueError as e:
+            raise ValueError(f"weights in {path} do not fit: {e}") from e
+
+    def load_state_dict_from(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Load backbone weights from an in-memory state dict: keys under ``prefix`` (stripped), then an optional
+        ``backbone.``; a classifier head (``fc.*``) is ignored. Every backbone weight must be present."""
         if prefix:
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         state = {k[len("backbone.") :] if k.startswith("backbone.") else k: v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"this {type(self).__name__} has other shapes: {str(e)[:400]}") from e
         if missing or unexpected:
             raise ValueError(
-                f"weights in {path} do not fit this {type(self).__name__}: "
+                f"they do not fit this {type(self).__name__}: "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
             )

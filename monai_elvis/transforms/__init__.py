@@ -1,7 +1,16 @@
 """Transforms (array and dictionary forms): loading, reports, labels and standard pipelines."""
 
 from monai_elvis.transforms.io import CXRLoadError, LoadCXR, LoadCXRd
-from monai_elvis.transforms.labels import BoxesToMask, BoxesToMaskd, MaskToBoxes, MaskToBoxesd, RLEToMask, RLEToMaskd
+from monai_elvis.transforms.labels import (
+    BoxesToMask,
+    BoxesToMaskd,
+    LoadLabelMap,
+    LoadLabelMapd,
+    MaskToBoxes,
+    MaskToBoxesd,
+    RLEToMask,
+    RLEToMaskd,
+)
 from monai_elvis.transforms.presets import cxr_augmentation, cxr_spatial_intensity
 from monai_elvis.transforms.report import (
     ExtractReportSections,
@@ -23,7 +32,7 @@ from monai_elvis.transforms.report import (
 
 __all__ = [
     "CXRLoadError", "LoadCXR", "LoadCXRd",
-    "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd", "RLEToMask", "RLEToMaskd",
+    "BoxesToMask", "BoxesToMaskd", "LoadLabelMap", "LoadLabelMapd", "MaskToBoxes", "MaskToBoxesd", "RLEToMask", "RLEToMaskd",
     "cxr_augmentation", "cxr_spatial_intensity",
     "ExtractReportSections", "ExtractReportSectionsd", "RandDropSentences", "RandDropSentencesd",
     "RandShuffleSentences", "RandShuffleSentencesd", "ReportError", "SplitSentences", "SplitSentencesd",

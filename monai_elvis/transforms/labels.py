@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,66 @@ from scipy import ndimage
 
 from monai_elvis.keys import Keys
 
-__all__ = ["RLEToMask", "RLEToMaskd", "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd"]
+__all__ = ["LoadLabelMap", "LoadLabelMapd", "RLEToMask", "RLEToMaskd", "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd"]
 
 
 def _round_half_up(v: float) -> int:
     return int(np.floor(v + 0.5))
+
+
+class LoadLabelMap(Transform):
+    """Load an integer label map (8- or 16-bit gray PNG, or any single-band image Pillow reads) as a
+    :class:`~monai.data.MetaTensor` ``[1, H, W]`` of ``int64`` class indices, values unchanged.
+
+    The array orientation is the same as :class:`~monai_elvis.transforms.LoadCXR`'s (rows top to bottom), so
+    a label map saved alongside an image stays aligned with it. ``meta["original_size"]`` is ``(H, W)``.
+
+    Args:
+        num_classes: when given, a value ``>= num_classes`` raises ``ValueError`` naming the file (a label map
+            written for another class list must not be trained on silently).
+
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` naming the file for an unreadable or
+    multi-band one.
+    """
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        self.num_classes = num_classes
+
+    def __call__(self, path: str | Path) -> MetaTensor:
+        from PIL import Image
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"label map not found: {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+                    raise ValueError(f"mode {img.mode} is not a single-band label map")
+                arr = np.asarray(img).astype(np.int64)
+        except Exception as e:
+            raise ValueError(f"cannot read label map {path}: {type(e).__name__}: {e}") from e
+        if self.num_classes is not None and arr.size and int(arr.max()) >= self.num_classes:
+            raise ValueError(
+                f"label map {path} holds class {int(arr.max())}, but there are only {self.num_classes} classes."
+            )
+        meta = {"filename_or_obj": str(path), "original_size": tuple(int(v) for v in arr.shape)}
+        return MetaTensor(torch.from_numpy(arr)[None], meta=meta)
+
+
+class LoadLabelMapd(MapTransform):
+    """Dictionary form of :class:`LoadLabelMap`: replaces the path under each key by the label map."""
+
+    def __init__(self, keys: KeysCollection = Keys.LABEL, num_classes: int | None = None,
+                 allow_missing_keys: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadLabelMap(num_classes)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d
 
 
 class RLEToMask(Transform):
@@ -125,19 +181,34 @@ class MaskToBoxes(Transform):
 
 class RLEToMaskd(MapTransform):
     """Dictionary form of :class:`RLEToMask`; the mask replaces the encoding under each key. Errors name
-    ``d[source_key]`` (the image id) when present."""
+    ``d[source_key]`` (the image id) when present.
+
+    With ``ref_key`` (e.g. ``"image"``, right after :class:`~monai_elvis.transforms.LoadCXRd`), the mask takes
+    the size of ``d[ref_key]`` instead of ``height x width`` and becomes a :class:`~monai.data.MetaTensor` with
+    the reference's affine, so it follows the image through spatial transforms.
+    """
 
     def __init__(self, keys: KeysCollection = Keys.LABEL, height: int = 1024, width: int = 1024,
-                 source_key: str | None = Keys.IMAGE, allow_missing_keys: bool = False) -> None:
+                 source_key: str | None = Keys.IMAGE, ref_key: str | None = None,
+                 allow_missing_keys: bool = False) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
-        self.decoder = RLEToMask(height, width)
+        self.height, self.width = height, width
         self.source_key = source_key
+        self.ref_key = ref_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         source = d.get(self.source_key) if self.source_key else None
+        if isinstance(source, MetaTensor):
+            source = source.meta.get("filename_or_obj", None)
+        ref = d[self.ref_key] if self.ref_key else None
+        h, w = (int(ref.shape[-2]), int(ref.shape[-1])) if ref is not None else (self.height, self.width)
+        decoder = RLEToMask(h, w)
         for key in self.key_iterator(d):
-            d[key] = self.decoder(d[key], source=None if source is None else str(source))
+            mask = decoder(d[key], source=None if source is None else str(source))
+            if isinstance(ref, MetaTensor):
+                mask = MetaTensor(torch.from_numpy(mask), affine=ref.affine.clone(), meta={"original_size": (h, w)})
+            d[key] = mask
         return d
 
 
