@@ -14,6 +14,7 @@ from monai_elvis.metrics import (
     RetrievalRecallMetric,
     grounding_cnr,
     heatmap_iou,
+    heatmap_miou,
     locality_preservation,
     pointing_game,
     retrieval_recall,
@@ -115,3 +116,39 @@ def test_grounding_metrics_hand_computed():
         grounding_cnr(heat, torch.zeros_like(mask))
     with pytest.raises(ValueError, match="metric_name"):
         GroundingMetric("auc")
+
+
+def test_grounding_cnr_per_box_averaged_nan_padding_and_miou():
+    heat = torch.zeros(1, 1, 4, 4)
+    heat[0, 0, :2, :2] = torch.tensor([[1.0, 3.0], [1.0, 3.0]])
+    heat[0, 0, 3, 3] = 12.0
+    box1 = torch.zeros(4, 4, dtype=torch.bool)
+    box1[:2, :2] = True  # CNR 1/sqrt(12) (see above)
+    box2 = torch.zeros(4, 4, dtype=torch.bool)
+    box2[3, 3] = True  # inside: 12, var 0; outside: 15 pixels, sum 8, mean 8/15, var = 16/15 - (8/15)^2
+    mean_out = 8 / 15
+    var_out = (2 * 1 + 2 * 9) / 15 - mean_out**2
+    cnr2 = (12 - mean_out) / math.sqrt(var_out)
+    masks = torch.stack([box1, box2, torch.zeros(4, 4, dtype=torch.bool)])[None]  # a third, empty channel: padding
+    assert grounding_cnr(heat, masks).item() == pytest.approx((1 / math.sqrt(12) + cnr2) / 2, rel=1e-5)
+    assert pointing_game(heat, masks).item() == 1.0  # the peak (12) is inside box 2
+    # a map equal to the box indicator: mean_in 1, mean_out 0, no variance -> CNR = 1 / sqrt(eps)
+    indicator = box1.float()[None, None]
+    assert grounding_cnr(indicator, box1[None, None], eps=1e-4).item() == pytest.approx(100.0, rel=1e-4)
+    # NaN padding (a padded border) is ignored: the same map with a NaN column scores the same
+    padded = torch.full((1, 1, 4, 5), float("nan"))
+    padded[..., :4] = heat
+    pmask = torch.zeros(1, 3, 4, 5, dtype=torch.bool)
+    pmask[..., :4] = masks
+    assert grounding_cnr(padded, pmask).item() == pytest.approx(grounding_cnr(heat, masks).item(), rel=1e-6)
+    assert pointing_game(padded, pmask).item() == 1.0
+    # mIoU over thresholds 0.1..0.5 of a [0, 1] map: 0.75 inside box1 everywhere, 0.3 on one outside pixel
+    m01 = torch.zeros(1, 1, 4, 4)
+    m01[0, 0, :2, :2] = 0.75
+    m01[0, 0, 2, 2] = 0.3
+    # thresholds 0.1, 0.2, 0.3: 5 predicted pixels, 4 right -> 4/5; 0.4, 0.5: exactly the box -> 1
+    assert heatmap_miou(m01, box1[None, None]).item() == pytest.approx((3 * 0.8 + 2 * 1.0) / 5)
+    metric = GroundingMetric("miou")
+    metric(y_pred=[m01[0], m01[0, :, :3, :3]], y=[box1[None], torch.zeros(1, 3, 3, dtype=torch.bool)])  # decollated
+    assert metric.get_buffer()[1].isnan().item()  # no box to score: NaN, left out of the mean
+    assert metric.aggregate().item() == pytest.approx(0.88)

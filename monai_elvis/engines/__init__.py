@@ -1,6 +1,8 @@
 """Pieces that run ELVIS pre-training on MONAI's ignite engines (``monai.engines.SupervisedTrainer`` and
-``SupervisedEvaluator``): batch preparation, the loss adapter, handlers and preparation helpers."""
+``SupervisedEvaluator``): batch preparation, the loss adapter, handlers (including the grounding writer and per-category report) and
+preparation helpers."""
 
+from monai_elvis.engines.grounding import GroundingReportHandler, GroundingWriter, heat_colormap, phrase_slug
 from monai_elvis.engines.vlp import (
     GradientClipHandler,
     MetricsJSONHandler,
@@ -17,4 +19,5 @@ from monai_elvis.engines.vlp import (
 __all__ = [
     "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
     "latest_checkpoint", "prepare_grounding_batch", "prepare_vlp_batch", "save_text_model",
+    "GroundingReportHandler", "GroundingWriter", "heat_colormap", "phrase_slug",
 ]  # fmt: skip

@@ -6,19 +6,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.networks.layers import GaussianFilter
 
-from monai_elvis.keys import OutKeys
+from monai_elvis.keys import Keys, OutKeys
 from monai_elvis.utils import l2_normalize
 
-__all__ = ["PhraseGroundingInferer", "region_similarity_map"]
+__all__ = ["PhraseGroundingInferer", "region_similarity_map", "TEXT_META_KEYS"]
+
+TEXT_META_KEYS = (Keys.INPUT_IDS, Keys.ATTENTION_MASK, Keys.SENTENCE_INDEX)
 
 
-def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = None,
-                          normalize: bool = True) -> torch.Tensor:  # fmt: skip
+def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = None, normalize: bool = True,
+                          sigma: float = 0.0) -> torch.Tensor:  # fmt: skip
     """Cosine similarity between each projected region ``v_i`` and the first sentence ``t_0`` (the phrase), as a
-    ``[B, 1, h, w]`` map (bilinearly upsampled to ``size`` when given; min-max scaled per image to ``[0, 1]``
-    when ``normalize``), from the output dict of :class:`~monai_elvis.networks.ElvisNet`."""
+    ``[B, 1, h, w]`` map from the output dict of :class:`~monai_elvis.networks.ElvisNet`.
+
+    It is bilinearly upsampled to ``size`` when given, then smoothed by a Gaussian of standard deviation ``sigma``
+    pixels (of that size; 0: none), then min-max scaled per image to ``[0, 1]`` when ``normalize``.
+    """
     regions = l2_normalize(out[OutKeys.IMAGE_LOCAL].float())  # [B, N, d]
     phrase = l2_normalize(out[OutKeys.TEXT_SENTENCE][:, 0].float())  # [B, d]
     sim = torch.einsum("bnd,bd->bn", regions, phrase)
@@ -29,6 +36,8 @@ def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = No
     heat = sim.view(sim.shape[0], 1, *grid)
     if size is not None:
         heat = F.interpolate(heat, size=tuple(size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        heat = GaussianFilter(2, sigma).to(heat.device)(heat)
     if normalize:
         flat = heat.flatten(1)
         lo, hi = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
@@ -38,13 +47,40 @@ def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = No
 
 class PhraseGroundingInferer(Inferer):
     """``inferer(image [B, 1, H, W], network, input_ids=..., attention_mask=..., sentence_index=...)`` returns the
-    phrase-region similarity heatmap ``[B, 1, H, W]`` (see :func:`region_similarity_map`). The tokens are those of
-    the phrase alone (one sentence); ``network`` is an :class:`~monai_elvis.networks.ElvisNet` (or DDP-wrapped)."""
+    phrase-region similarity heatmap ``[B, 1, H, W]`` in ``[0, 1]`` (see :func:`region_similarity_map`).
 
-    def __init__(self, normalize: bool = True) -> None:
+    The tokens are those of the phrase alone (one sentence); ``network`` is an
+    :class:`~monai_elvis.networks.ElvisNet` (or DDP-wrapped). When no token arguments are given, they are read
+    from ``image.meta`` (put there by :class:`~monai_elvis.transforms.TextToMetad`): this is how a caller that
+    passes only the image, such as MONAI Label's bundle infer task, still grounds the request's phrase.
+
+    Args:
+        normalize: min-max scale each map to ``[0, 1]``.
+        sigma: Gaussian smoothing of the upsampled map, in pixels of the network input (0: none).
+    """
+
+    def __init__(self, normalize: bool = True, sigma: float = 0.0) -> None:
         super().__init__()
         self.normalize = normalize
+        self.sigma = float(sigma)
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs:
+            kwargs = self._text_from_meta(inputs)
         out = network(inputs, *args, **kwargs)
-        return region_similarity_map(out, tuple(inputs.shape[-2:]), self.normalize)
+        return region_similarity_map(out, tuple(inputs.shape[-2:]), self.normalize, self.sigma)
+
+    @staticmethod
+    def _text_from_meta(inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        meta = inputs.meta if isinstance(inputs, MetaTensor) else {}
+        missing = [k for k in TEXT_META_KEYS if k not in meta]
+        if missing:
+            raise ValueError(
+                f"no phrase tokens: pass {list(TEXT_META_KEYS)} to the inferer, or put them in the image's metadata "
+                f"with monai_elvis.transforms.TextToMetad (missing {missing})."
+            )
+        text = {}
+        for k in TEXT_META_KEYS:
+            v = torch.as_tensor(meta[k], device=inputs.device).long()
+            text[k] = v.expand(inputs.shape[0], -1) if v.ndim == 1 else v
+        return text

@@ -1,87 +1,128 @@
-"""Phrase grounding: how well a similarity heatmap picks out the annotated region."""
+"""Phrase grounding: how well a similarity heatmap picks out the annotated boxes (MS-CXR protocol)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from monai.utils import MetricReduction
 
 from monai_elvis.metrics.base import ReducedIterationMetric
 
-__all__ = ["grounding_cnr", "pointing_game", "heatmap_iou", "GroundingMetric"]
+__all__ = ["grounding_cnr", "pointing_game", "heatmap_iou", "heatmap_miou", "GroundingMetric", "MIOU_THRESHOLDS"]
+
+MIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-def _flat(heatmap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if heatmap.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"heatmap {tuple(heatmap.shape)} and mask {tuple(mask.shape)} differ in H, W.")
+def _prepare(heatmap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``heatmap [B, (1,) H, W]``, ``mask [B, (K,) H, W]`` -> ``h [B, P]`` (NaN set to 0), ``boxes [B, K, P]`` bool
+    restricted to finite heatmap pixels, ``valid [B, P]`` (the finite pixels)."""
+    if heatmap.shape[-2:] != mask.shape[-2:] or heatmap.shape[0] != mask.shape[0]:
+        raise ValueError(f"heatmap {tuple(heatmap.shape)} and mask {tuple(mask.shape)} differ in B, H or W.")
+    # plain tensors: MONAI's MetaTensor would copy its metadata through every operation below
+    heatmap, mask = torch.as_tensor(heatmap).as_subclass(torch.Tensor), torch.as_tensor(mask).as_subclass(torch.Tensor)
     b = heatmap.shape[0]
-    h, m = heatmap.reshape(b, -1).float(), mask.reshape(b, -1).bool()
-    if h.shape != m.shape:
-        raise ValueError(f"heatmap {tuple(heatmap.shape)} and mask {tuple(mask.shape)} must be [B, (1,) H, W].")
-    empty = (~m.any(1) | m.all(1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"mask of batch item(s) {empty} is empty or covers the whole image.")
-    return h, m
+    if heatmap.ndim == 4 and heatmap.shape[1] != 1 or heatmap.ndim not in (3, 4):
+        raise ValueError(f"heatmap must be [B, 1, H, W] or [B, H, W], got {tuple(heatmap.shape)}.")
+    if mask.ndim not in (3, 4):
+        raise ValueError(f"mask must be [B, K, H, W] (one channel per box) or [B, H, W], got {tuple(mask.shape)}.")
+    h = heatmap.reshape(b, -1).float()
+    valid = torch.isfinite(h)
+    boxes = mask.reshape(b, mask.shape[1] if mask.ndim == 4 else 1, -1).bool() & valid[:, None]
+    return torch.where(valid, h, torch.zeros_like(h)), boxes, valid
+
+
+def _scorable(boxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, K]``: a box with pixels inside the valid area and valid pixels outside it can be scored."""
+    n_in = boxes.sum(-1)
+    return (n_in > 0) & (n_in < valid.sum(-1, keepdim=True))
+
+
+def _check(ok: torch.Tensor) -> None:
+    bad = (~ok).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"mask of batch item(s) {bad} is empty or covers the whole image (within finite heatmap pixels).")
 
 
 def grounding_cnr(heatmap: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Contrast-to-noise ratio ``|mean_in - mean_out| / sqrt(var_in + var_out)`` of a heatmap inside vs outside
-    the annotated region (the MS-CXR measure of Boecking et al., "Making the Most of Text Semantics to
-    Improve Biomedical Vision-Language Processing", ECCV 2022).
+    each annotated box, averaged over the boxes of an item (the MS-CXR measure of Boecking et al., "Making the
+    Most of Text Semantics to Improve Biomedical Vision-Language Processing", ECCV 2022).
 
-    Shapes: ``heatmap [B, (1,) H, W]``, ``mask [B, (1,) H, W]`` -> ``[B]``. Variances are population variances.
+    Shapes: ``heatmap [B, (1,) H, W]``, ``mask [B, K, H, W]`` (one channel per box; all-zero channels pad items
+    with fewer boxes) or ``[B, H, W]`` (one region) -> ``[B]``. Population variances. Non-finite heatmap pixels
+    (e.g. NaN padding) belong to neither side.
     """
-    h, m = _flat(heatmap, mask)
-    mf = m.float()
-    n_in, n_out = mf.sum(1), (1 - mf).sum(1)
-    mean_in = (h * mf).sum(1) / n_in
-    mean_out = (h * (1 - mf)).sum(1) / n_out
-    var_in = (((h - mean_in[:, None]) ** 2) * mf).sum(1) / n_in
-    var_out = (((h - mean_out[:, None]) ** 2) * (1 - mf)).sum(1) / n_out
-    return (mean_in - mean_out).abs() / (var_in + var_out + eps).sqrt()
+    h, boxes, valid = _prepare(heatmap, mask)
+    ok = _scorable(boxes, valid)
+    _check(ok.any(1))
+    inside = boxes.float()  # [B, K, P]
+    outside = (valid[:, None] & ~boxes).float()
+    n_in, n_out = inside.sum(-1).clamp(min=1), outside.sum(-1).clamp(min=1)
+    hk = h[:, None]
+    mean_in, mean_out = (hk * inside).sum(-1) / n_in, (hk * outside).sum(-1) / n_out
+    var_in = (((hk - mean_in[..., None]) ** 2) * inside).sum(-1) / n_in
+    var_out = (((hk - mean_out[..., None]) ** 2) * outside).sum(-1) / n_out
+    cnr = (mean_in - mean_out).abs() / (var_in + var_out + eps).sqrt()  # [B, K]
+    return (cnr * ok).sum(1) / ok.sum(1)
 
 
 def pointing_game(heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 where the heatmap's maximum lies inside the mask, else 0. ``[B, (1,) H, W]`` -> ``[B]``."""
-    h, m = _flat(heatmap, mask)
-    return m.gather(1, h.argmax(1, keepdim=True))[:, 0].float()
+    """1 where the heatmap's maximum (over finite pixels) lies inside any box, else 0. -> ``[B]``."""
+    h, boxes, valid = _prepare(heatmap, mask)
+    _check(_scorable(boxes, valid).any(1))
+    peak = torch.where(valid, h, torch.full_like(h, -torch.inf)).argmax(1, keepdim=True)
+    return boxes.any(1).gather(1, peak)[:, 0].float()
 
 
 def heatmap_iou(heatmap: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """IoU between ``heatmap >= threshold`` and the mask. ``[B, (1,) H, W]`` -> ``[B]``."""
-    h, m = _flat(heatmap, mask)
-    p = h >= threshold
-    return (p & m).sum(1).float() / (p | m).sum(1).clamp(min=1).float()
+    """IoU between ``heatmap >= threshold`` and the union of the boxes, over finite pixels. -> ``[B]``."""
+    h, boxes, valid = _prepare(heatmap, mask)
+    _check(_scorable(boxes, valid).any(1))
+    region = boxes.any(1)
+    pred = (h >= threshold) & valid
+    return (pred & region).sum(1).float() / (pred | region).sum(1).clamp(min=1).float()
+
+
+def heatmap_miou(heatmap: torch.Tensor, mask: torch.Tensor, thresholds: Sequence[float] = MIOU_THRESHOLDS) -> torch.Tensor:
+    """Mean of :func:`heatmap_iou` over ``thresholds`` (0.1 to 0.5 by default, for maps scaled to ``[0, 1]``)."""
+    return torch.stack([heatmap_iou(heatmap, mask, t) for t in thresholds]).mean(0)
 
 
 class GroundingMetric(ReducedIterationMetric):
     """Grounding quality accumulated over batches: ``metric(y_pred=heatmap, y=mask)``, then ``aggregate()``.
 
+    ``y_pred`` ``[B, 1, H, W]``; ``y`` ``[B, K, H, W]`` (one channel per box) or ``[B, 1, H, W]``; or lists of
+    per-item ``[1, H, W]`` / ``[K, H, W]`` tensors of different sizes (as MONAI's decollated engines give).
+
     Args:
-        metric_name: ``"cnr"``, ``"pointing"`` or ``"iou"``. An item whose mask is empty or covers the whole
-            image (a box lost in resizing) counts as NaN, which the mean reduction leaves out.
+        metric_name: ``"cnr"``, ``"pointing"``, ``"iou"`` or ``"miou"``. An item with no box that can be scored
+            (every box lost in resizing, or covering the image) counts as NaN, which the mean reduction leaves
+            out. Non-finite heatmap pixels are ignored.
         threshold: of ``"iou"``.
+        thresholds: of ``"miou"``.
         reduction: MONAI metric reduction (mean by default).
     """
 
-    _FUNCS = {"cnr": grounding_cnr, "pointing": pointing_game, "iou": heatmap_iou}
+    _FUNCS = {"cnr": grounding_cnr, "pointing": pointing_game, "iou": heatmap_iou, "miou": heatmap_miou}
 
-    def __init__(self, metric_name: str = "cnr", threshold: float = 0.5,
+    def __init__(self, metric_name: str = "cnr", threshold: float = 0.5, thresholds: Sequence[float] = MIOU_THRESHOLDS,
                  reduction: MetricReduction | str = MetricReduction.MEAN) -> None:  # fmt: skip
         super().__init__(reduction)
         if metric_name not in self._FUNCS:
             raise ValueError(f"metric_name must be one of {sorted(self._FUNCS)}, got {metric_name!r}.")
         self.metric_name = metric_name
         self.threshold = threshold
+        self.thresholds = tuple(thresholds)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
-            raise ValueError("GroundingMetric needs y (the ground-truth mask).")
-        b = y_pred.shape[0]
-        m = y.reshape(b, -1).bool()
-        valid = m.any(1) & ~m.all(1)  # a box lost (or filling the image) after resizing cannot be scored
-        out = torch.full((b, 1), float("nan"), device=y_pred.device)
-        if valid.any():
-            fn = self._FUNCS[self.metric_name]
-            args = (self.threshold,) if self.metric_name == "iou" else ()
-            out[valid, 0] = fn(y_pred[valid], y[valid], *args).to(out.dtype)
+            raise ValueError("GroundingMetric needs y (the ground-truth box masks).")
+        y_pred, y = y_pred.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)
+        _, boxes, valid = _prepare(y_pred, y)
+        ok = _scorable(boxes, valid).any(1)
+        out = torch.full((y_pred.shape[0], 1), float("nan"), device=y_pred.device)
+        if ok.any():
+            extra = {"iou": (self.threshold,), "miou": (self.thresholds,)}.get(self.metric_name, ())
+            out[ok, 0] = self._FUNCS[self.metric_name](y_pred[ok], y[ok], *extra).to(out.dtype)
         return out

@@ -95,6 +95,10 @@ class ReportTextEncoder(nn.Module):
             self.model = AutoModel.from_pretrained(
                 path, config=hf_config, trust_remote_code=trust_remote_code, local_files_only=local_files_only
             )
+        if getattr(self.model, "pooler", None) is not None:
+            # the pooler (BERT's tanh head on [CLS]) is never used here: dropping it keeps the state dict the same
+            # whether the encoder was built from a config or loaded from a folder, and leaves no unused weights
+            self.model.pooler = None
         self.global_pooling = global_pooling
         self.num_sentences = num_sentences
         self.hidden_size = int(self.model.config.hidden_size)

@@ -22,6 +22,7 @@ from monai_elvis.transforms.report import (
     ReportError,
     SplitSentences,
     SplitSentencesd,
+    TextToMetad,
     TokenizeReport,
     TokenizeReportd,
     load_tokenizer,
@@ -35,7 +36,7 @@ __all__ = [
     "BoxesToMask", "BoxesToMaskd", "LoadLabelMap", "LoadLabelMapd", "MaskToBoxes", "MaskToBoxesd", "RLEToMask", "RLEToMaskd",
     "cxr_augmentation", "cxr_spatial_intensity",
     "ExtractReportSections", "ExtractReportSectionsd", "RandDropSentences", "RandDropSentencesd",
-    "RandShuffleSentences", "RandShuffleSentencesd", "ReportError", "SplitSentences", "SplitSentencesd",
+    "RandShuffleSentences", "RandShuffleSentencesd", "ReportError", "SplitSentences", "SplitSentencesd", "TextToMetad",
     "TokenizeReport", "TokenizeReportd", "load_tokenizer", "parse_iu_xray_xml", "parse_report_sections",
     "train_wordpiece_tokenizer",
 ]  # fmt: skip

@@ -130,25 +130,29 @@ class BoxesToMask(Transform):
         original_size: ``(H, W)`` the boxes refer to; boxes are scaled by ``spatial_size / original_size``
             (default: no scaling). Box edges are rounded half up to the nearest pixel edge; each box covers the pixel columns
             ``[x, x + w)`` and rows ``[y, y + h)``, clipped to the image.
+        per_box: one channel per box, ``[K, H, W]`` (one all-zero channel when there is no box), as the
+            per-box grounding metrics take; default: their union ``[1, H, W]``.
     """
 
-    def __init__(self, spatial_size: Sequence[int], original_size: Sequence[int] | None = None) -> None:
+    def __init__(self, spatial_size: Sequence[int], original_size: Sequence[int] | None = None,
+                 per_box: bool = False) -> None:  # fmt: skip
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.original_size = tuple(int(s) for s in original_size) if original_size is not None else self.spatial_size
+        self.per_box = per_box
 
     def __call__(self, boxes: Any) -> np.ndarray:
         h, w = self.spatial_size
         sy, sx = h / self.original_size[0], w / self.original_size[1]
-        mask = np.zeros((1, h, w), dtype=np.uint8)
         arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+        mask = np.zeros((max(len(arr), 1) if self.per_box else 1, h, w), dtype=np.uint8)
         if not np.isfinite(arr).all():
             raise ValueError(f"boxes must be finite (x, y, w, h) values, got {arr.tolist()}.")
-        for x, y, bw, bh in arr:
+        for k, (x, y, bw, bh) in enumerate(arr):
             if bw < 0 or bh < 0:
                 raise ValueError(f"box {(x, y, bw, bh)} has a negative width or height.")
             r0, r1 = max(0, _round_half_up(y * sy)), min(h, _round_half_up((y + bh) * sy))
             c0, c1 = max(0, _round_half_up(x * sx)), min(w, _round_half_up((x + bw) * sx))
-            mask[0, r0:r1, c0:c1] = 1
+            mask[k if self.per_box else 0, r0:r1, c0:c1] = 1
         return mask
 
 
@@ -223,10 +227,11 @@ class BoxesToMaskd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection = Keys.BOXES, ref_key: str = Keys.IMAGE, mask_key: str = Keys.LABEL,
-                 allow_missing_keys: bool = False) -> None:
+                 per_box: bool = False, allow_missing_keys: bool = False) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
         self.ref_key = ref_key
         self.mask_key = mask_key
+        self.per_box = per_box
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -235,7 +240,7 @@ class BoxesToMaskd(MapTransform):
         original = getattr(ref, "meta", {}).get("original_size", size)
         original = tuple(int(s) for s in original)
         for key in self.key_iterator(d):
-            mask = torch.from_numpy(BoxesToMask(size, original)(d[key]))
+            mask = torch.from_numpy(BoxesToMask(size, original, self.per_box)(d[key]))
             if isinstance(ref, MetaTensor):
                 mask = MetaTensor(mask, affine=ref.affine.clone(), meta={"original_size": original})
             d[self.mask_key] = mask

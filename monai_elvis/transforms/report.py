@@ -30,6 +30,7 @@ __all__ = [
     "RandDropSentencesd",
     "TokenizeReport",
     "TokenizeReportd",
+    "TextToMetad",
     "load_tokenizer",
     "train_wordpiece_tokenizer",
 ]
@@ -424,4 +425,29 @@ class TokenizeReportd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d.update(self.transform(d[key]))
+        return d
+
+
+class TextToMetad(MapTransform):
+    """Copy the token tensors (``input_ids``, ``attention_mask``, ``sentence_index``) into ``d[image_key].meta``.
+
+    For callers that pass only the image to the inferer, such as MONAI Label's bundle infer task: the phrase of
+    the request is tokenised by :class:`TokenizeReportd` and travels with the image to
+    :class:`~monai_elvis.inferers.PhraseGroundingInferer`. ``[L]`` tensors; the entries stay in ``d`` too.
+    """
+
+    def __init__(self, keys: KeysCollection = (Keys.INPUT_IDS, Keys.ATTENTION_MASK, Keys.SENTENCE_INDEX),
+                 image_key: str = Keys.IMAGE, allow_missing_keys: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.data import MetaTensor
+
+        d = dict(data)
+        image = d[self.image_key]
+        if not isinstance(image, MetaTensor):
+            raise TypeError(f"{self.image_key!r} must be a MetaTensor to carry the tokens, got {type(image).__name__}.")
+        for key in self.key_iterator(d):
+            image.meta[key] = torch.as_tensor(d[key])
         return d

@@ -1,0 +1,148 @@
+"""The phrase-grounding bundle: inference (datalist, one image + phrase, the MONAI Label call) and MS-CXR-style
+evaluation with a per-category table, on a checkpoint made by the pre-training bundle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import run as bundle_run
+
+from monai_elvis.engines import GroundingReportHandler
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundles" / "elvis_grounding" / "configs"
+INFER, EVALUATE, LOGGING = str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json"), str(CONFIGS / "logging.conf")
+META = str(CONFIGS / "metadata.json")
+TINY = dict(image_size=64)
+
+
+@pytest.fixture(scope="module")
+def grounding_root(tmp_path_factory, pretrained_bundle) -> Path:
+    """A grounding bundle root whose models/ holds the pre-training bundle's model.pt and text_model/."""
+    root = tmp_path_factory.mktemp("grounding")
+    (root / "models").mkdir()
+    shutil.copy(pretrained_bundle / "models" / "model.pt", root / "models" / "model.pt")
+    shutil.copytree(pretrained_bundle / "models" / "text_model", root / "models" / "text_model")
+    return root
+
+
+def test_infer_workflow_properties(grounding_root, phantom):
+    wf = ConfigWorkflow(config_file=INFER, meta_file=META, workflow_type="infer", bundle_root=str(grounding_root),
+                        image=str(phantom / "images" / "phantom_00000.png"), phrase="left pleural effusion", **TINY)  # fmt: skip
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_datalist_inference_writes_maps_overlays_masks_and_boxes(grounding_root, phantom, tmp_path):
+    phrases = [{"image": str(phantom / "images" / "phantom_00000.png"), "phrase": "right upper lobe consolidation"},
+               {"image": str(phantom / "images" / "phantom_00001.png"), "phrase": "enlarged cardiac silhouette"}]  # fmt: skip
+    (tmp_path / "phrases.json").write_text(json.dumps(phrases))
+    out = tmp_path / "out"
+    bundle_run(config_file=INFER, logging_file=LOGGING, bundle_root=str(grounding_root), output_dir=str(out),
+               datalist_file=str(tmp_path / "phrases.json"), map_format="nifti", **TINY)  # fmt: skip
+    records = json.loads((out / "groundings.json").read_text())
+    assert [r["phrase"] for r in records] == [p["phrase"] for p in phrases]
+    import nibabel as nib
+
+    for r in records:
+        heat = np.asanyarray(nib.load(r["heatmap"]).dataobj)
+        assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() <= 1 and heat.max() > 0.9
+        mask = np.asarray(Image.open(r["mask"]))
+        assert np.array_equal(mask > 0, heat >= 0.5)
+        assert np.asarray(Image.open(r["overlay"])).shape == (64, 64, 3)
+        x, y, w, h = r["box"]
+        assert mask[int(y) : int(y + h), int(x) : int(x + w)].any() and heat[r["peak"][1], r["peak"][0]] == heat.max()
+    with open(out / "groundings.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_one_image_and_phrase_on_the_real_dicom(grounding_root, tmp_path, rg1_dicom):
+    out = tmp_path / "out"
+    bundle_run(config_file=INFER, logging_file=LOGGING, bundle_root=str(grounding_root), output_dir=str(out),
+               image=str(rg1_dicom), phrase="right lower lobe opacity", **TINY)  # fmt: skip
+    (record,) = json.loads((out / "groundings.json").read_text())
+    assert Path(record["heatmap"]).name == "RG1_UNCR_right_lower_lobe_opacity_heatmap.png"
+    heat = np.asarray(Image.open(record["heatmap"]))
+    assert heat.shape == (1955, 1841) and heat.dtype == np.uint16 and heat.max() > 60000
+    assert np.asarray(Image.open(record["overlay"])).shape == (1955, 1841, 3)
+
+
+def test_monai_label_call_grounds_the_request_phrase(grounding_root, phantom):
+    """MONAI Label's bundle infer task runs preprocessing, then ``inferer(image[None], network)`` with the image
+    alone, then postprocessing: the phrase of the request reaches the network through the image's metadata."""
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"bundle_root": str(grounding_root), **TINY})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(grounding_root / "models" / "model.pt", map_location="cpu", weights_only=True))
+    net.eval()
+    pre, inferer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer")
+    post = parser.get_parsed_content("postprocessing")
+    image = str(phantom / "images" / "phantom_00001.png")
+    heats = {}
+    for phrase in ("moderate right pleural effusion", "enlarged cardiac silhouette"):
+        data = pre({"image": image, "phrase": phrase})  # the request: image id resolved to a path, plus params
+        with torch.no_grad():
+            pred = inferer(data["image"][None], net)[0]
+            explicit = inferer(data["image"][None], net, **{k: data[k][None] for k in ("input_ids", "attention_mask",
+                                                                                     "sentence_index")})[0]  # fmt: skip
+        torch.testing.assert_close(pred, explicit)
+        data["pred"] = pred
+        out = post(data)
+        assert tuple(out["pred"].shape) == (64, 64) and out["pred"].dtype == torch.uint8
+        assert set(out["pred"].unique().tolist()) <= {0, 1}
+        heats[phrase] = out["heatmap"]
+    assert not torch.equal(*heats.values())  # the phrase matters
+    data = pre({"image": image, "phrase": "x"})
+    data["image"].meta.pop("input_ids")
+    with pytest.raises(ValueError, match="no phrase tokens"):
+        inferer(data["image"][None], net)
+
+
+def test_evaluation_on_the_phantom_ms_cxr_csv(grounding_root, phantom, tmp_path):
+    eval_dir = tmp_path / "eval"
+    bundle_run(config_file=[INFER, EVALUATE], logging_file=LOGGING, bundle_root=str(grounding_root),
+               dataset_dir=str(phantom), eval_dir=str(eval_dir), split="validation", write_groundings=True, **TINY)  # fmt: skip
+    metrics = json.loads((eval_dir / "grounding_metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"grounding_cnr", "grounding_miou", "grounding_pointing"}
+    table = json.loads((eval_dir / "grounding_by_category.json").read_text())
+    with open(phantom / "ms_cxr.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    phrases = {(r["dicom_id"], r["label_text"], r["category_name"]) for r in rows}
+    assert [r["category"] for r in table][-1] == "all" and table[-1]["n"] == len(phrases)
+    assert {r["category"] for r in table[:-1]} == {p[2] for p in phrases}
+    assert sum(r["n"] for r in table[:-1]) == len(phrases)
+    assert table[-1]["cnr"] == pytest.approx(metrics["grounding_cnr"], rel=1e-5)
+    assert table[-1]["pointing"] == pytest.approx(metrics["grounding_pointing"], rel=1e-5)
+    assert (eval_dir / "grounding_by_category.md").read_text().startswith("| category | n | cnr | miou | pointing |")
+    assert len(json.loads((eval_dir / "groundings" / "groundings.json").read_text())) == len(phrases)
+
+
+def test_report_handler_aggregates_per_category(tmp_path):
+    handler = GroundingReportHandler(tmp_path, metrics=("pointing", "iou"))
+    box = torch.zeros(1, 4, 4, dtype=torch.bool)
+    box[0, :2, :2] = True
+    hit, miss = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    hit[0, 0, 0], miss[0, 3, 3] = 1.0, 1.0
+    handler.update(hit, box, "Nodule")  # pointing 1, IoU of {(0,0)} with the box: 1/4
+    handler.update(miss, box, "Nodule")  # pointing 0, IoU 0
+    handler.update(hit, box, "Effusion")
+    handler.update(hit, torch.zeros(1, 4, 4, dtype=torch.bool), "Effusion")  # no box: counted, not scored
+    handler.completed()
+    rows = {r["category"]: r for r in json.loads((tmp_path / "grounding_by_category.json").read_text())}
+    assert rows["Nodule"]["n"] == 2 and rows["Nodule"]["pointing"] == 0.5 and rows["Nodule"]["iou"] == 0.125
+    assert rows["Nodule"]["pointing_std"] == 0.5
+    assert rows["Effusion"]["n"] == 2 and rows["Effusion"]["n_scored"] == 1 and rows["Effusion"]["pointing"] == 1.0
+    assert rows["all"]["n"] == 4 and rows["all"]["pointing"] == pytest.approx(2 / 3)
+    assert list(rows) == ["Effusion", "Nodule", "all"]
+    md = (tmp_path / "grounding_by_category.md").read_text().splitlines()
+    assert md[2] == "| Effusion | 2 | 1.000 ± 0.000 | 0.250 ± 0.000 |"
