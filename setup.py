@@ -32,5 +32,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["monai_elvis", "monai_elvis.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.0.3", "pydicom-data==1.0.0"]},
+    extras_require={
+        "study": ["matplotlib==3.10.8"],
+        "test": ["pytest==9.0.3", "pydicom-data==1.0.0", "matplotlib==3.10.8"],
+    },
 )

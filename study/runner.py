@@ -1,0 +1,272 @@
+"""Run every (objective, seed) of the study through the bundles, recording each step's figures as it finishes.
+
+Each finished step appends one JSON line to ``<work_dir>/records.jsonl``; a restarted study skips the steps
+already recorded there, so an interrupted run loses at most the step in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = ROOT / "bundles"
+OBJECTIVES = ("elvis", "lovt", "one_hot", "gloria", "convirt", "random")
+logger = logging.getLogger("study")
+
+
+@dataclass
+class StudyConfig:
+    """What the study runs. The defaults are the tiny scale that fits about an hour on 2 CPU cores."""
+
+    work_dir: str = "runs/study"
+    dataset_dir: str = "data/phantom"
+    objectives: Sequence[str] = OBJECTIVES
+    seeds: Sequence[int] = (0, 1, 2)
+    scale: str = "tiny"  # the configs/scale overlay of pre-training; "paper" for the GPU scale
+    pretrain_epochs: int = 4
+    pretrain_overrides: dict = field(default_factory=dict)
+    segmentation_overlay: str | None = None  # e.g. configs/segmentation/paper.json at the paper scale
+    seg_fractions: Sequence[float] = (0.01, 0.1, 1.0)
+    seg_modes: Sequence[str] = ("frozen", "finetune")
+    seg_iterations: int = 30
+    seg_batch_size: int = 16
+    seg_val_items: int = 32
+    grounding_split: str = "test"
+    heatmap_phrases: int = 4
+    num_workers: int = 0
+    phantom_num: int = 2000
+    image_size: int | None = None  # None: the scale overlay's
+
+    def __post_init__(self) -> None:
+        unknown = set(self.objectives) - set(OBJECTIVES)
+        if unknown:
+            raise ValueError(f"unknown objectives {sorted(unknown)}; choose from {list(OBJECTIVES)}.")
+        bad = [m for m in self.seg_modes if m not in ("frozen", "finetune")]
+        if bad:
+            raise ValueError(f"seg_modes must be 'frozen' or 'finetune', got {bad}.")
+
+
+def _bundle(name: str, *files: str) -> list[str]:
+    return [str(BUNDLES / name / "configs" / f) for f in files]
+
+
+def _run_bundle(config_files: list[str], meta: str, **overrides: Any) -> None:
+    from monai.bundle import run
+
+    run(config_file=config_files, meta_file=meta, logging_file=str(BUNDLES / "elvis_pretrain" / "configs" / "logging.conf"),
+        **overrides)  # fmt: skip
+
+
+class StudyRunner:
+    """Runs the study of ``config`` step by step; :meth:`run` returns the records (one dict per finished step)."""
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.cfg = config
+        self.work = Path(config.work_dir).resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.records_file = self.work / "records.jsonl"
+        self.records = self._load_records()
+        (self.work / "config.json").write_text(json.dumps(asdict(config), indent=1))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _load_records(self) -> list[dict]:
+        if not self.records_file.is_file():
+            return []
+        records = []
+        for line in self.records_file.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by an interruption: that step runs again
+                logger.warning("ignoring a truncated line of %s", self.records_file)
+        return records
+
+    def done(self, **key: Any) -> dict | None:
+        for r in self.records:
+            if all(r.get(k) == v for k, v in key.items()):
+                return r
+        return None
+
+    def record(self, **fields: Any) -> dict:
+        self.records.append(fields)
+        with open(self.records_file, "a") as f:
+            f.write(json.dumps(fields) + "\n")
+        return fields
+
+    # ------------------------------------------------------------------ steps
+    def prepare(self) -> None:
+        """The phantom (shared by every run) and one tokenizer trained on its reports, shared by every objective."""
+        from monai_elvis.data.phantom import prepare_phantom
+        from monai_elvis.engines import ensure_tokenizer
+
+        prepare_phantom(self.cfg.dataset_dir, num=self.cfg.phantom_num, size=256, seed=0)
+        ensure_tokenizer(self.work / "tokenizer", Path(self.cfg.dataset_dir) / "datalist.json", 4096)
+
+    def _scale_files(self) -> list[str]:
+        return [str(ROOT / "configs" / "scale" / f"{self.cfg.scale}.json")]
+
+    def _pretrain_overrides(self, seed: int) -> dict:
+        o = {"seed": seed, "dataset_dir": str(Path(self.cfg.dataset_dir).resolve()), "num_workers": self.cfg.num_workers,
+             "tokenizer_dir": str(self.work / "tokenizer"), **self.cfg.pretrain_overrides}  # fmt: skip
+        if self.cfg.image_size:
+            o["image_size"] = self.cfg.image_size
+        return o
+
+    def pretrain(self, objective: str, seed: int) -> Path:
+        """Pre-train (or, for ``random``, save an untrained network) and return the bundle root."""
+        root = self.work / "pretrain" / f"{objective}_s{seed}"
+        if self.done(step="pretrain", objective=objective, seed=seed) and (root / "models" / "model.pt").is_file():
+            return root
+        start = time.time()
+        files = _bundle("elvis_pretrain", "train.json") + self._scale_files()
+        meta = _bundle("elvis_pretrain", "metadata.json")[0]
+        overrides = self._pretrain_overrides(seed)
+        if objective == "random":
+            from monai.bundle import ConfigParser
+            from monai.utils import set_determinism
+
+            from monai_elvis.engines import save_text_model
+
+            parser = ConfigParser()
+            parser.read_config(files)
+            parser.update({**overrides, "bundle_root": str(root)})
+            set_determinism(seed=seed)
+            net = parser.get_parsed_content("network_def")
+            (root / "models").mkdir(parents=True, exist_ok=True)
+            torch.save(net.state_dict(), root / "models" / "model.pt")
+            save_text_model(net, overrides["tokenizer_dir"], root / "models" / "text_model")
+        else:
+            if root.exists():  # an interrupted run: start it again from scratch
+                shutil.rmtree(root)
+            files.append(str(ROOT / "configs" / "objective" / f"{objective}.json"))
+            _run_bundle(files, meta, bundle_root=str(root), max_epochs=self.cfg.pretrain_epochs,
+                        val_interval=self.cfg.pretrain_epochs, validate_grounding=False, **overrides)  # fmt: skip
+        self.record(step="pretrain", objective=objective, seed=seed, seconds=round(time.time() - start, 1))
+        return root
+
+    def evaluate_pretrain(self, objective: str, seed: int, root: Path) -> dict:
+        """Retrieval and locality preservation on the test split (the pre-training bundle's evaluate.json)."""
+        found = self.done(step="locality", objective=objective, seed=seed)
+        if found:
+            return found
+        start = time.time()
+        files = _bundle("elvis_pretrain", "train.json") + self._scale_files() + _bundle("elvis_pretrain", "evaluate.json")
+        _run_bundle(files, _bundle("elvis_pretrain", "metadata.json")[0], bundle_root=str(root),
+                    **self._pretrain_overrides(seed))  # fmt: skip
+        metrics = json.loads((root / "eval" / "test_metrics.json").read_text())["metrics"]
+        return self.record(step="locality", objective=objective, seed=seed, seconds=round(time.time() - start, 1),
+                           **metrics)  # fmt: skip
+
+    def _grounding_overrides(self, root: Path) -> dict:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(_bundle("elvis_pretrain", "train.json") + self._scale_files())
+        if self.cfg.image_size:
+            parser.update({"image_size": self.cfg.image_size})
+        return {"ckpt_dir": str(root / "models"), "image_arch": parser["image_arch"],
+                "image_widen_factor": parser["image_widen_factor"], "embed_dim": parser["embed_dim"],
+                "image_size": parser.get_parsed_content("image_size"), "dataset_dir": str(Path(self.cfg.dataset_dir).resolve())}  # fmt: skip
+
+    def grounding(self, objective: str, seed: int, root: Path) -> dict:
+        """Phrase-grounding CNR, mIoU and pointing on the phantom's MS-CXR CSV, overall and per category."""
+        found = self.done(step="grounding", objective=objective, seed=seed)
+        if found:
+            return found
+        start = time.time()
+        eval_dir = root / "grounding"
+        _run_bundle(_bundle("elvis_grounding", "inference.json", "evaluate.json"),
+                    _bundle("elvis_grounding", "metadata.json")[0], bundle_root=str(BUNDLES / "elvis_grounding"),
+                    eval_dir=str(eval_dir), split=self.cfg.grounding_split, **self._grounding_overrides(root))  # fmt: skip
+        table = json.loads((eval_dir / "grounding_by_category.json").read_text())
+        return self.record(step="grounding", objective=objective, seed=seed, seconds=round(time.time() - start, 1),
+                           table=table)  # fmt: skip
+
+    def heatmaps(self, objective: str, root: Path, phrases_file: Path) -> Path:
+        """Heatmaps of the study's chosen phrases (seed 0), for the side-by-side figure."""
+        out = self.work / "heatmaps" / objective
+        if (out / "groundings.json").is_file():
+            return out
+        _run_bundle(_bundle("elvis_grounding", "inference.json"), _bundle("elvis_grounding", "metadata.json")[0],
+                    bundle_root=str(BUNDLES / "elvis_grounding"), output_dir=str(out), datalist_file=str(phrases_file),
+                    **self._grounding_overrides(root))  # fmt: skip
+        return out
+
+    def segmentation(self, objective: str, seed: int, root: Path, fraction: float, mode: str) -> dict:
+        """Fine-tune (or train the decoder of a frozen encoder) on ``fraction`` of the labels; test Dice."""
+        key = dict(step="segmentation", objective=objective, seed=seed, fraction=fraction, mode=mode)
+        found = self.done(**key)
+        if found:
+            return found
+        seg_root = self.work / "segmentation" / f"{objective}_s{seed}_{mode}_{fraction}"
+        if seg_root.exists():
+            shutil.rmtree(seg_root)
+        start = time.time()
+        g = self._grounding_overrides(root)
+        files = _bundle("elvis_cxr_segmentation", "train.json")
+        if self.cfg.segmentation_overlay:
+            files.append(str(ROOT / self.cfg.segmentation_overlay))
+        common = dict(bundle_root=str(seg_root), dataset_dir=g["dataset_dir"], seed=seed, image_size=g["image_size"],
+                      image_arch=g["image_arch"], image_widen_factor=g["image_widen_factor"],
+                      num_workers=self.cfg.num_workers, cache_rate=0.0)  # fmt: skip
+        meta = _bundle("elvis_cxr_segmentation", "metadata.json")[0]
+        pretrained = None if objective == "random" else str(root / "models" / "model.pt")
+        if objective == "random" and mode == "finetune":
+            pretrained = None  # scratch
+        elif objective == "random":
+            pretrained = str(root / "models" / "model.pt")  # a frozen random encoder: the floor of a linear probe
+        _run_bundle(files, meta, **common, label_fraction=fraction, pretrained_ckpt=pretrained,
+                    freeze_encoder=mode == "frozen", max_epochs=1, epoch_length=self.cfg.seg_iterations,
+                    val_interval=1, batch_size=self.cfg.seg_batch_size,
+                    **{"validate#data": "$monai_elvis.data.datalist_split(@datalist, 'validation', @dataset_dir, "
+                                        f"@path_keys)[:{self.cfg.seg_val_items}]"})  # fmt: skip
+        _run_bundle(files + _bundle("elvis_cxr_segmentation", "evaluate.json"), meta, **common,
+                    batch_size=self.cfg.seg_batch_size)  # fmt: skip
+        metrics = json.loads((seg_root / "eval" / "test_metrics.json").read_text())["metrics"]
+        shutil.rmtree(seg_root / "models", ignore_errors=True)  # keep the figures, not 100 checkpoints
+        return self.record(**key, seconds=round(time.time() - start, 1), **metrics)
+
+    # ------------------------------------------------------------------ all
+    def run(self) -> list[dict]:
+        start = time.time()
+        self.prepare()
+        phrases_file = self.work / "heatmap_phrases.json"
+        if not phrases_file.is_file():
+            phrases_file.write_text(json.dumps(choose_phrases(self.cfg.dataset_dir, self.cfg.grounding_split,
+                                                              self.cfg.heatmap_phrases), indent=1))  # fmt: skip
+        total = len(self.cfg.seeds) * len(self.cfg.objectives)
+        for i, (seed, objective) in enumerate((s, o) for s in self.cfg.seeds for o in self.cfg.objectives):
+            logger.info("study: %s seed %d (%d/%d), %.0f s so far", objective, seed, i + 1, total, time.time() - start)
+            root = self.pretrain(objective, seed)
+            self.evaluate_pretrain(objective, seed, root)
+            self.grounding(objective, seed, root)
+            if seed == self.cfg.seeds[0]:
+                self.heatmaps(objective, root, phrases_file)
+            for fraction in self.cfg.seg_fractions:
+                for mode in self.cfg.seg_modes:
+                    self.segmentation(objective, seed, root, fraction, mode)
+        self.record(step="session", seconds=round(time.time() - start, 1))
+        return self.records
+
+
+def choose_phrases(dataset_dir: str | Path, split: str, count: int) -> list[dict]:
+    """One phrase of each of the first ``count`` categories of ``split``, in a fixed order (no tuning on results)."""
+    from monai_elvis.data import load_grounding_datalist
+
+    entries = load_grounding_datalist(dataset_dir, Path(dataset_dir) / "ms_cxr.csv", split)
+    chosen, seen = [], set()
+    for e in sorted(entries, key=lambda e: (e["category"], e["image"], e["phrase"])):
+        if e["category"] not in seen:
+            seen.add(e["category"])
+            chosen.append({"image": e["image"], "phrase": e["phrase"], "category": e["category"], "boxes": e["boxes"]})
+        if len(chosen) == count:
+            break
+    return chosen
