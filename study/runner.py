@@ -261,7 +261,8 @@ def choose_phrases(dataset_dir: str | Path, split: str, count: int) -> list[dict
     """One phrase of each of the first ``count`` categories of ``split``, in a fixed order (no tuning on results)."""
     from monai_elvis.data import load_grounding_datalist
 
-    entries = load_grounding_datalist(dataset_dir, Path(dataset_dir) / "ms_cxr.csv", split)
+    dataset_dir = Path(dataset_dir).resolve()  # the phrases file lives elsewhere: absolute image paths
+    entries = load_grounding_datalist(dataset_dir, dataset_dir / "ms_cxr.csv", split)
     chosen, seen = [], set()
     for e in sorted(entries, key=lambda e: (e["category"], e["image"], e["phrase"])):
         if e["category"] not in seen:

@@ -109,7 +109,11 @@ class LoadCXR(Transform):
 
     def _read_dicom(self, path: Path) -> tuple[np.ndarray, dict]:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+        try:
+            from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        except ImportError:  # pydicom 2 (e.g. beside monailabel, which needs pydicom<3)
+            from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds:
