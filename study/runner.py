@@ -75,7 +75,15 @@ class StudyRunner:
         self.work.mkdir(parents=True, exist_ok=True)
         self.records_file = self.work / "records.jsonl"
         self.records = self._load_records()
-        (self.work / "config.json").write_text(json.dumps(asdict(config), indent=1))
+        settings = json.loads(json.dumps(asdict(config)))  # lists, as read back from JSON
+        previous_file = self.work / "config.json"
+        if self.records and previous_file.is_file():
+            previous = json.loads(previous_file.read_text())
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            if changed:  # resuming with other settings would mix results of two studies in one table
+                raise ValueError(f"{self.work} holds a study run with other settings ({', '.join(changed)}): "
+                                 "use another --work-dir, or the same settings to resume.")  # fmt: skip
+        previous_file.write_text(json.dumps(settings, indent=1))
 
     # ------------------------------------------------------------------ bookkeeping
     def _load_records(self) -> list[dict]:

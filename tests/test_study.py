@@ -48,3 +48,19 @@ def test_study_runs_resumes_and_reports(phantom, tmp_path):
     # the report alone, from the records
     res = _study("report", "--work-dir", str(work), "--out", str(tmp_path / "again"))
     assert res.returncode == 0 and (tmp_path / "again" / "results.md").read_text().split("\n", 4)[4] == text.split("\n", 4)[4]
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    import sys
+
+    import pytest
+
+    sys.path.insert(0, str(ROOT))
+    from study.runner import StudyConfig, StudyRunner
+
+    StudyRunner(StudyConfig(work_dir=str(tmp_path))).record(step="pretrain", objective="elvis", seed=0)
+    assert StudyRunner(StudyConfig(work_dir=str(tmp_path))).done(step="pretrain", objective="elvis", seed=0)
+    with pytest.raises(ValueError, match="other settings \\(pretrain_epochs, seeds\\)"):
+        StudyRunner(StudyConfig(work_dir=str(tmp_path), seeds=(0,), pretrain_epochs=9))
+    with pytest.raises(ValueError, match="unknown objectives \\['clip'\\]"):
+        StudyConfig(objectives=("elvis", "clip"))
