@@ -24,7 +24,9 @@ def _ms(values: Iterable[float]) -> tuple[float, float, int]:
 
 
 def _fmt(mean: float, std: float, n: int, digits: int = 3) -> str:
-    return "n/a" if n == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if n == 0:
+        return "n/a"
+    return f"{mean:.{digits}f} (1 seed)" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _objectives(records: Sequence[dict]) -> list[str]:
@@ -39,7 +41,7 @@ def summary_tables(records: Sequence[dict]) -> dict[str, str]:
     for r in records:
         by[(r.get("step"), r.get("objective"))].append(r)
     seeds = sorted({r["seed"] for r in records if "seed" in r})
-    lines = [f"Mean ± standard deviation over seeds {seeds} (test split of the phantom).", "",
+    lines = [f"Mean ± sample standard deviation over the seeds run ({seeds}); test split of the phantom.", "",
              "| objective | CNR | mIoU | pointing | locality | R@10 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for o in objs:
         g = [next(row for row in r["table"] if row["category"] == "all") for r in by[("grounding", o)]]

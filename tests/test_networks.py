@@ -143,6 +143,11 @@ def test_text_encoder_reloads_offline_from_saved_folder(tmp_path):
     diffs = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(diffs) == {"token", "token_mask", "sentence", "sentence_mask", "global"}
     assert all(v == 0.0 for v in diffs.values()), diffs
+    # the folder-loaded encoder has the same state dict keys as the config-built one (no unused pooler), so an
+    # ElvisNet checkpoint of either loads into the other
+    reloaded = ReportTextEncoder(tmp_path / "bert")
+    assert set(reloaded.state_dict()) == set(enc.state_dict())
+    reloaded.load_state_dict(enc.state_dict())
 
 
 def test_text_encoder_missing_folder_and_hub_names(tmp_path, monkeypatch):
