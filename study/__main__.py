@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
-from study.runner import OBJECTIVES, StudyConfig, StudyRunner
+from study.runner import OBJECTIVES, StudyConfig, StudyRunner, load_records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         records = StudyRunner(cfg).run()
         logging.getLogger("study").info("study finished in %.1f min", (time.time() - start) / 60)
     else:
-        runner_records = StudyRunner.__new__(StudyRunner)
-        from pathlib import Path
-
-        runner_records.records_file = Path(args.work_dir) / "records.jsonl"
-        if not runner_records.records_file.is_file():
-            parser.error(f"no records in {runner_records.records_file}: run the study first.")
-        records = runner_records._load_records()
+        records_file = Path(args.work_dir) / "records.jsonl"
+        if not records_file.is_file():
+            parser.error(f"no records in {records_file}: run the study first.")
+        records = load_records(records_file)
     path = write_report(records, args.out, args.work_dir)
     print(f"wrote {path}")
     return 0

@@ -87,15 +87,7 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ bookkeeping
     def _load_records(self) -> list[dict]:
-        if not self.records_file.is_file():
-            return []
-        records = []
-        for line in self.records_file.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by an interruption: that step runs again
-                logger.warning("ignoring a truncated line of %s", self.records_file)
-        return records
+        return load_records(self.records_file) if self.records_file.is_file() else []
 
     def done(self, **key: Any) -> dict | None:
         for r in self.records:
@@ -226,11 +218,9 @@ class StudyRunner:
                       image_arch=g["image_arch"], image_widen_factor=g["image_widen_factor"],
                       num_workers=self.cfg.num_workers, cache_rate=0.0)  # fmt: skip
         meta = _bundle("elvis_cxr_segmentation", "metadata.json")[0]
-        pretrained = None if objective == "random" else str(root / "models" / "model.pt")
-        if objective == "random" and mode == "finetune":
-            pretrained = None  # scratch
-        elif objective == "random":
-            pretrained = str(root / "models" / "model.pt")  # a frozen random encoder: the floor of a linear probe
+        # random + finetune is training from scratch; random + frozen is a frozen random encoder (a probe's floor)
+        scratch = objective == "random" and mode == "finetune"
+        pretrained = None if scratch else str(root / "models" / "model.pt")
         _run_bundle(files, meta, **common, label_fraction=fraction, pretrained_ckpt=pretrained,
                     freeze_encoder=mode == "frozen", max_epochs=1, epoch_length=self.cfg.seg_iterations,
                     val_interval=1, batch_size=self.cfg.seg_batch_size,
@@ -263,6 +253,17 @@ class StudyRunner:
                     self.segmentation(objective, seed, root, fraction, mode)
         self.record(step="session", seconds=round(time.time() - start, 1))
         return self.records
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """The records of ``records.jsonl``; a line cut by an interruption is skipped (that step runs again)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("ignoring a truncated line of %s", path)
+    return records
 
 
 def choose_phrases(dataset_dir: str | Path, split: str, count: int) -> list[dict]:

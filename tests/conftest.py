@@ -113,3 +113,23 @@ def pretrained_bundle(tmp_path_factory, phantom) -> Path:
         logging_file=str(configs / "logging.conf"), bundle_root=str(root), dataset_dir=str(phantom),
         **{**PRETRAIN_TINY, "max_epochs": 1, "epoch_length": 2, "validate_grounding": False})  # fmt: skip
     return root
+
+
+@pytest.fixture(scope="session")
+def run_torchrun():
+    """``run_torchrun(config_files, meta, logging, port, **overrides)``: ``monai.bundle run`` under
+    ``torch.distributed.run`` with 2 CPU processes (gloo); asserts it succeeded."""
+    import os
+    import subprocess
+    import sys
+
+    def run(config_files, meta, logging, port: int, **overrides) -> None:
+        files = "[" + ",".join(f"'{c}'" for c in config_files) + "]"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+               "monai.bundle", "run", "--config_file", files, "--meta_file", str(meta), "--logging_file", str(logging)]  # fmt: skip
+        cmd += [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=BUNDLES.parent)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    return run

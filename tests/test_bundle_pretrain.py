@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -85,15 +82,9 @@ def test_resume_continues_after_the_last_epoch_and_evaluate(phantom, tmp_path):
     assert "val_recall_at_1" in test_metrics["metrics"]
 
 
-def test_ddp_two_gloo_processes(phantom, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m",
-           "monai.bundle", "run", "--config_file", f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.json'}']",
-           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-           "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom), "--max_epochs", "1", "--epoch_length", "2"]
-    cmd += [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def test_ddp_two_gloo_processes(phantom, tmp_path, run_torchrun):
+    run_torchrun([TRAIN, CONFIGS / "multi_gpu_train.json"], CONFIGS / "metadata.json", CONFIGS / "logging.conf", 29517,
+                 bundle_root=tmp_path, dataset_dir=phantom, max_epochs=1, epoch_length=2, **TINY)  # fmt: skip
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["epoch"] == 1

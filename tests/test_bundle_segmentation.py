@@ -192,17 +192,9 @@ def test_the_label_fraction_is_one_setting(phantom):
     assert {str(Path(e["label"]).relative_to(phantom)) for e in data} <= {e["label"] for e in full}
 
 
-def test_ddp_two_gloo_processes(phantom, tmp_path):
-    import os
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "-m",
-           "monai.bundle", "run", "--config_file", f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.json'}']",
-           "--meta_file", META, "--logging_file", LOGGING, "--bundle_root", str(tmp_path), "--dataset_dir",
-           str(phantom), "--max_epochs", "1", "--epoch_length", "2"]  # fmt: skip
-    cmd += [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def test_ddp_two_gloo_processes(phantom, tmp_path, run_torchrun):
+    run_torchrun([TRAIN, CONFIGS / "multi_gpu_train.json"], META, LOGGING, 29518, bundle_root=tmp_path,
+                 dataset_dir=phantom, max_epochs=1, epoch_length=2, **TINY)  # fmt: skip
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     ElvisUNet(1, 7, "resnet18", 0.125, decoder_channels=(64, 32, 16, 16, 8)).load_state_dict(state)
