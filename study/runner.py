@@ -32,16 +32,16 @@ class StudyConfig:
     objectives: Sequence[str] = OBJECTIVES
     seeds: Sequence[int] = (0, 1, 2)
     scale: str = "tiny"  # the configs/scale overlay of pre-training; "paper" for the GPU scale
-    pretrain_epochs: int = 4
+    pretrain_epochs: int = 3
     pretrain_overrides: dict = field(default_factory=dict)
     segmentation_overlay: str | None = None  # e.g. configs/segmentation/paper.json at the paper scale
     seg_fractions: Sequence[float] = (0.01, 0.1, 1.0)
     seg_modes: Sequence[str] = ("frozen", "finetune")
-    seg_iterations: int = 30
+    seg_iterations: int = 25
     seg_batch_size: int = 16
     seg_val_items: int = 32
-    grounding_split: str = "test"
-    heatmap_phrases: int = 4
+    split: str = "test"  # where locality, retrieval and grounding are measured; "validation" for tuning
+    heatmap_phrases: int = 4  # 0: no heatmap figure
     num_workers: int = 0
     phantom_num: int = 2000
     image_size: int | None = None  # None: the scale overlay's
@@ -79,7 +79,8 @@ class StudyRunner:
         previous_file = self.work / "config.json"
         if self.records and previous_file.is_file():
             previous = json.loads(previous_file.read_text())
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            defaults = json.loads(json.dumps(asdict(StudyConfig())))  # a setting added since then: its default
+            changed = sorted(k for k in settings if previous.get(k, defaults[k]) != settings[k])
             if changed:  # resuming with other settings would mix results of two studies in one table
                 raise ValueError(f"{self.work} holds a study run with other settings ({', '.join(changed)}): "
                                  "use another --work-dir, or the same settings to resume.")  # fmt: skip
@@ -153,15 +154,15 @@ class StudyRunner:
         return root
 
     def evaluate_pretrain(self, objective: str, seed: int, root: Path) -> dict:
-        """Retrieval and locality preservation on the test split (the pre-training bundle's evaluate.json)."""
+        """Retrieval and locality preservation on ``split`` (the pre-training bundle's evaluate.json)."""
         found = self.done(step="locality", objective=objective, seed=seed)
         if found:
             return found
         start = time.time()
         files = _bundle("elvis_pretrain", "train.json") + self._scale_files() + _bundle("elvis_pretrain", "evaluate.json")
-        _run_bundle(files, _bundle("elvis_pretrain", "metadata.json")[0], bundle_root=str(root),
+        _run_bundle(files, _bundle("elvis_pretrain", "metadata.json")[0], bundle_root=str(root), split=self.cfg.split,
                     **self._pretrain_overrides(seed))  # fmt: skip
-        metrics = json.loads((root / "eval" / "test_metrics.json").read_text())["metrics"]
+        metrics = json.loads((root / "eval" / f"{self.cfg.split}_metrics.json").read_text())["metrics"]
         return self.record(step="locality", objective=objective, seed=seed, seconds=round(time.time() - start, 1),
                            **metrics)  # fmt: skip
 
@@ -185,7 +186,7 @@ class StudyRunner:
         eval_dir = root / "grounding"
         _run_bundle(_bundle("elvis_grounding", "inference.json", "evaluate.json"),
                     _bundle("elvis_grounding", "metadata.json")[0], bundle_root=str(BUNDLES / "elvis_grounding"),
-                    eval_dir=str(eval_dir), split=self.cfg.grounding_split, **self._grounding_overrides(root))  # fmt: skip
+                    eval_dir=str(eval_dir), split=self.cfg.split, **self._grounding_overrides(root))  # fmt: skip
         table = json.loads((eval_dir / "grounding_by_category.json").read_text())
         return self.record(step="grounding", objective=objective, seed=seed, seconds=round(time.time() - start, 1),
                            table=table)  # fmt: skip
@@ -237,8 +238,8 @@ class StudyRunner:
         start = time.time()
         self.prepare()
         phrases_file = self.work / "heatmap_phrases.json"
-        if not phrases_file.is_file():
-            phrases_file.write_text(json.dumps(choose_phrases(self.cfg.dataset_dir, self.cfg.grounding_split,
+        if self.cfg.heatmap_phrases and not phrases_file.is_file():
+            phrases_file.write_text(json.dumps(choose_phrases(self.cfg.dataset_dir, self.cfg.split,
                                                               self.cfg.heatmap_phrases), indent=1))  # fmt: skip
         total = len(self.cfg.seeds) * len(self.cfg.objectives)
         for i, (seed, objective) in enumerate((s, o) for s in self.cfg.seeds for o in self.cfg.objectives):
@@ -246,7 +247,7 @@ class StudyRunner:
             root = self.pretrain(objective, seed)
             self.evaluate_pretrain(objective, seed, root)
             self.grounding(objective, seed, root)
-            if seed == self.cfg.seeds[0]:
+            if self.cfg.heatmap_phrases and seed == self.cfg.seeds[0]:
                 self.heatmaps(objective, root, phrases_file)
             for fraction in self.cfg.seg_fractions:
                 for mode in self.cfg.seg_modes:

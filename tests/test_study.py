@@ -62,5 +62,78 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     assert StudyRunner(StudyConfig(work_dir=str(tmp_path))).done(step="pretrain", objective="elvis", seed=0)
     with pytest.raises(ValueError, match="other settings \\(pretrain_epochs, seeds\\)"):
         StudyRunner(StudyConfig(work_dir=str(tmp_path), seeds=(0,), pretrain_epochs=9))
+    # a work dir of an older version: a setting added since counts as its default, a dropped one is ignored
+    old = json.loads((tmp_path / "config.json").read_text())
+    old.pop("split")
+    old["grounding_split"] = "test"
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert StudyRunner(StudyConfig(work_dir=str(tmp_path))).done(step="pretrain", objective="elvis", seed=0)
+    with pytest.raises(ValueError, match="other settings \\(split\\)"):
+        StudyRunner(StudyConfig(work_dir=str(tmp_path), split="validation"))
     with pytest.raises(ValueError, match="unknown objectives \\['clip'\\]"):
         StudyConfig(objectives=("elvis", "clip"))
+
+
+def test_sweep_variants_reach_the_parsed_objective():
+    sys.path.insert(0, str(ROOT))
+    from monai.bundle import ConfigParser
+
+    from study.runner import _bundle
+    from study.sweep import VARIANTS
+
+    expected = {"elvis": ("intra_modal", 0.1, "pre_projection", 1.0), "one_hot": ("one_hot", None, None, 1.0),
+                "tau_intra=0.03": ("intra_modal", 0.03, "pre_projection", 1.0),
+                "tau_intra=0.3": ("intra_modal", 0.3, "pre_projection", 1.0),
+                "target=projected": ("intra_modal", 0.1, "projected", 1.0),
+                "local_weight=0.5": ("intra_modal", 0.1, "pre_projection", 0.5),
+                "local_weight=2": ("intra_modal", 0.1, "pre_projection", 2.0)}  # fmt: skip
+    assert set(VARIANTS) == set(expected)
+    for name, v in VARIANTS.items():
+        parser = ConfigParser()
+        parser.read_config(_bundle("elvis_pretrain", "train.json") + [str(ROOT / "configs" / "objective" / f"{v.objective}.json")])
+        parser.update(v.overrides)
+        objective = parser.get_parsed_content("objective")
+        target, tau, source, weight = expected[name]
+        local = objective.local_loss
+        assert local.target == target and objective.local_weight == weight, name
+        if tau is not None:
+            assert (local.target_temperature, local.target_source) == (tau, source), name
+
+
+def test_sweep_runs_on_validation_resumes_and_reports(phantom, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["sweep", "--work-dir", str(work), "--out", str(out), "--dataset-dir", str(phantom), "--phantom-num", "40",
+            "--image-size", "64", "--variants", "elvis", "local_weight=2", "--lengths", "1", "--seeds", "0"]  # fmt: skip
+    res = _study(*args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert sorted(p.name for p in work.iterdir()) == ["elvis_e1", "local_weight-2_e1"]
+    for sub in work.iterdir():
+        steps = [json.loads(line)["step"] for line in (sub / "records.jsonl").read_text().splitlines()]
+        assert steps == ["pretrain", "locality", "grounding", "session"]  # no segmentation, no heatmaps
+        assert (sub / "pretrain" / "elvis_s0" / "eval" / "validation_metrics.json").is_file()
+        assert not (sub / "pretrain" / "elvis_s0" / "eval" / "test_metrics.json").exists()
+    text = (out / "sweep_validation.md").read_text()
+    assert "validation split" in text
+    rows = [line for line in text.splitlines() if line.startswith("| elvis |") or line.startswith("| local_weight=2 |")]
+    assert len(rows) == 2 and all(row.count("(1 seed)") == 5 for row in rows)
+    records = json.loads((out / "sweep_validation_records.json").read_text())
+    assert {(r["variant"], r["epochs"], r["split"]) for r in records} == {("elvis", 1, "validation"), ("local_weight=2", 1, "validation")}
+    # nothing runs again
+    res = _study(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for sub in work.iterdir():
+        steps = [json.loads(line)["step"] for line in (sub / "records.jsonl").read_text().splitlines()]
+        assert steps == ["pretrain", "locality", "grounding", "session", "session"]
+
+
+def test_sweep_refuses_unknown_variants_and_mixed_splits(tmp_path):
+    import pytest
+
+    sys.path.insert(0, str(ROOT))
+    from study.sweep import run_sweep, write_sweep_report
+
+    with pytest.raises(ValueError, match="unknown variants \\['tau=9'\\]"):
+        run_sweep(tmp_path, ["elvis", "tau=9"], [1], [0])
+    records = [{"step": "locality", "variant": "elvis", "epochs": 1, "seed": 0, "split": s} for s in ("validation", "test")]
+    with pytest.raises(ValueError, match="come from \\['test', 'validation'\\]"):
+        write_sweep_report(records, tmp_path)
