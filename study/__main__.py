@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from study.runner import OBJECTIVES, StudyConfig, StudyRunner, load_records
-from study.sweep import VARIANTS, run_sweep, write_sweep_report
+from study.sweep import VARIANTS, run_sweep, sweep_records, write_sweep_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--phantom-num", type=int, default=2000)
         p.add_argument("--image-size", type=int, default=None)
         p.add_argument("--num-workers", type=int, default=0)
+        p.add_argument("--tokenizer-dir", default=None,
+                       help="a tokenizer folder to share (e.g. docs/results/tokenizer to repeat those results); "
+                            "default: one trained into the work dir")  # fmt: skip
+    report.add_argument("--sweep", action="store_true", help="the sweep's report, from <work-dir>/*/records.jsonl")
     sweep.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     sweep.add_argument("--lengths", nargs="+", type=int, default=[3], help="pre-training epochs")
     sweep.add_argument("--split", default="validation", help="tune on validation; test only to confirm a pick")
@@ -47,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                           seeds=args.seeds, scale=args.scale, pretrain_epochs=args.pretrain_epochs,
                           seg_iterations=args.seg_iterations, seg_batch_size=args.seg_batch_size,
                           seg_fractions=args.seg_fractions, seg_modes=args.seg_modes, segmentation_overlay=args.segmentation_overlay,
-                          phantom_num=args.phantom_num, image_size=args.image_size, num_workers=args.num_workers)  # fmt: skip
+                          phantom_num=args.phantom_num, image_size=args.image_size, num_workers=args.num_workers,
+                          tokenizer_dir=args.tokenizer_dir)  # fmt: skip
         start = time.time()
         records = StudyRunner(cfg).run()
         logging.getLogger("study").info("study finished in %.1f min", (time.time() - start) / 60)
@@ -55,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         records = run_sweep(args.work_dir, args.variants, args.lengths, args.seeds, args.split,
                             dataset_dir=args.dataset_dir, phantom_num=args.phantom_num, image_size=args.image_size,
-                            num_workers=args.num_workers)  # fmt: skip
+                            num_workers=args.num_workers, tokenizer_dir=args.tokenizer_dir)  # fmt: skip
         logging.getLogger("study").info("sweep finished in %.1f min", (time.time() - start) / 60)
+        print(f"wrote {write_sweep_report(records, args.out)}")
+        return 0
+    elif args.sweep:
+        records = sweep_records(args.work_dir)
+        if not records:
+            parser.error(f"no finished variant in {args.work_dir}: run the sweep first.")
         print(f"wrote {write_sweep_report(records, args.out)}")
         return 0
     else:

@@ -45,6 +45,9 @@ class StudyConfig:
     num_workers: int = 0
     phantom_num: int = 2000
     image_size: int | None = None  # None: the scale overlay's
+    # None: one WordPiece tokenizer trained into <work_dir>/tokenizer. Training one is not deterministic
+    # (tokenizers 0.23, huggingface/tokenizers#1794), so runs that are compared, or repeated, should share one.
+    tokenizer_dir: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.objectives) - set(OBJECTIVES)
@@ -74,6 +77,7 @@ class StudyRunner:
         self.work = Path(config.work_dir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.records_file = self.work / "records.jsonl"
+        self.tokenizer_dir = Path(config.tokenizer_dir).resolve() if config.tokenizer_dir else self.work / "tokenizer"
         self.records = self._load_records()
         settings = json.loads(json.dumps(asdict(config)))  # lists, as read back from JSON
         previous_file = self.work / "config.json"
@@ -104,19 +108,20 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ steps
     def prepare(self) -> None:
-        """The phantom (shared by every run) and one tokenizer trained on its reports, shared by every objective."""
+        """The phantom (shared by every run) and the tokenizer, shared by every objective: ``tokenizer_dir``, or
+        one trained on the phantom's reports."""
         from monai_elvis.data.phantom import prepare_phantom
         from monai_elvis.engines import ensure_tokenizer
 
         prepare_phantom(self.cfg.dataset_dir, num=self.cfg.phantom_num, size=256, seed=0)
-        ensure_tokenizer(self.work / "tokenizer", Path(self.cfg.dataset_dir) / "datalist.json", 4096)
+        ensure_tokenizer(self.tokenizer_dir, Path(self.cfg.dataset_dir) / "datalist.json", 4096)
 
     def _scale_files(self) -> list[str]:
         return [str(ROOT / "configs" / "scale" / f"{self.cfg.scale}.json")]
 
     def _pretrain_overrides(self, seed: int) -> dict:
         o = {"seed": seed, "dataset_dir": str(Path(self.cfg.dataset_dir).resolve()), "num_workers": self.cfg.num_workers,
-             "tokenizer_dir": str(self.work / "tokenizer"), **self.cfg.pretrain_overrides}  # fmt: skip
+             "tokenizer_dir": str(self.tokenizer_dir), **self.cfg.pretrain_overrides}  # fmt: skip
         if self.cfg.image_size:
             o["image_size"] = self.cfg.image_size
         return o

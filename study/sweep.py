@@ -2,7 +2,8 @@
 
 Each (variant, training length) runs as its own study (:class:`~study.runner.StudyRunner`) in
 ``<work_dir>/<variant>_e<epochs>``: pre-training, locality and retrieval, phrase grounding; no segmentation and no
-heatmaps. So each one resumes, and refuses other settings, like the study itself. The report ranks nothing on the
+heatmaps. So each one resumes, and refuses other settings, like the study itself. All share one tokenizer
+(``<work_dir>/tokenizer`` unless given). The report ranks nothing on the
 test split: run the sweep with ``split="validation"``, pick by the rule written in the report, then confirm the
 pick once with ``split="test"``.
 """
@@ -51,7 +52,7 @@ def _slug(name: str) -> str:
 
 
 def run_sweep(work_dir: str | Path, variants: Sequence[str], lengths: Sequence[int], seeds: Sequence[int],
-              split: str = "validation", **study: object) -> list[dict]:  # fmt: skip
+              split: str = "validation", tokenizer_dir: str | None = None, **study: object) -> list[dict]:  # fmt: skip
     """Run every variant x training length x seed; return the records, each tagged with ``variant`` and ``epochs``.
 
     ``study`` holds further :class:`~study.runner.StudyConfig` settings (dataset_dir, phantom_num, image_size, ...).
@@ -60,6 +61,7 @@ def run_sweep(work_dir: str | Path, variants: Sequence[str], lengths: Sequence[i
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}.")
     work = Path(work_dir)
+    tokenizer_dir = tokenizer_dir or str(work / "tokenizer")  # one for all variants: not a difference between them
     runs = [(name, epochs) for epochs in lengths for name in variants]
     for i, (name, epochs) in enumerate(runs):
         v = VARIANTS[name]
@@ -67,7 +69,7 @@ def run_sweep(work_dir: str | Path, variants: Sequence[str], lengths: Sequence[i
         sub = work / f"{_slug(name)}_e{epochs}"
         cfg = StudyConfig(work_dir=str(sub), objectives=(v.objective,), seeds=tuple(seeds), pretrain_epochs=epochs,
                           pretrain_overrides=dict(v.overrides), seg_fractions=(), split=split, heatmap_phrases=0,
-                          **study)  # type: ignore[arg-type]  # fmt: skip
+                          tokenizer_dir=tokenizer_dir, **study)  # type: ignore[arg-type]  # fmt: skip
         StudyRunner(cfg).run()
         (sub / "variant.json").write_text(json.dumps({"variant": name, "epochs": epochs, "split": split}))
     return sweep_records(work)

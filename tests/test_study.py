@@ -106,8 +106,11 @@ def test_sweep_runs_on_validation_resumes_and_reports(phantom, tmp_path):
             "--image-size", "64", "--variants", "elvis", "local_weight=2", "--lengths", "1", "--seeds", "0"]  # fmt: skip
     res = _study(*args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert sorted(p.name for p in work.iterdir()) == ["elvis_e1", "local_weight-2_e1"]
-    for sub in work.iterdir():
+    assert sorted(p.name for p in work.iterdir()) == ["elvis_e1", "local_weight-2_e1", "tokenizer"]
+    subs = [work / "elvis_e1", work / "local_weight-2_e1"]
+    for sub in subs:  # one tokenizer for both variants
+        assert json.loads((sub / "config.json").read_text())["tokenizer_dir"] == str(work / "tokenizer")
+        assert not (sub / "tokenizer").exists()
         steps = [json.loads(line)["step"] for line in (sub / "records.jsonl").read_text().splitlines()]
         assert steps == ["pretrain", "locality", "grounding", "session"]  # no segmentation, no heatmaps
         assert (sub / "pretrain" / "elvis_s0" / "eval" / "validation_metrics.json").is_file()
@@ -121,9 +124,12 @@ def test_sweep_runs_on_validation_resumes_and_reports(phantom, tmp_path):
     # nothing runs again
     res = _study(*args)
     assert res.returncode == 0, res.stderr[-2000:]
-    for sub in work.iterdir():
+    for sub in subs:
         steps = [json.loads(line)["step"] for line in (sub / "records.jsonl").read_text().splitlines()]
         assert steps == ["pretrain", "locality", "grounding", "session", "session"]
+    # the report alone
+    res = _study("report", "--sweep", "--work-dir", str(work), "--out", str(tmp_path / "again"))
+    assert res.returncode == 0 and (tmp_path / "again" / "sweep_validation.md").read_text() == text
 
 
 def test_sweep_refuses_unknown_variants_and_mixed_splits(tmp_path):
