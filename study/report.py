@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -166,6 +167,13 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
     return written
 
 
+def _tokenizer_dir(work: Path) -> Path:
+    """The tokenizer a study's work dir used: its ``config.json``'s ``tokenizer_dir``, else ``<work>/tokenizer``."""
+    config = work / "config.json"
+    given = json.loads(config.read_text()).get("tokenizer_dir") if config.is_file() else None
+    return Path(given) if given else work / "tokenizer"
+
+
 def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | Path | None = None) -> Path:
     """Write ``results.md`` with the tables, ``records.json`` and the plots into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -178,12 +186,21 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
             phrases = json.loads((work / "heatmap_phrases.json").read_text())
             heatmap_dirs = {o: work / "heatmaps" / o for o in _objectives(records) if (work / "heatmaps" / o).is_dir()}
     pngs = plots(records, out_dir, heatmap_dirs, phrases)
+    tokenizer_note = []
+    if work_dir is not None:
+        tokenizer = _tokenizer_dir(Path(work_dir))
+        if tokenizer.is_dir() and tokenizer.resolve() != (out_dir / "tokenizer").resolve():
+            shutil.copytree(tokenizer, out_dir / "tokenizer", dirs_exist_ok=True)
+        if (out_dir / "tokenizer").is_dir():  # WordPiece training is not deterministic: ship the one used
+            tokenizer_note = [f"The tokenizer of these runs is in `tokenizer/`: `python -m study run --tokenizer-dir "
+                              f"{(out_dir / 'tokenizer').as_posix()}` repeats them with it.", ""]  # fmt: skip
     steps = sum(r.get("seconds", 0) for r in records if r.get("step") not in ("session", None))
     sessions = [r["seconds"] for r in records if r.get("step") == "session"]
     text = ["# Reproduction study results", ""]
     text += [f"Time of the steps: {steps / 60:.1f} min in all (pre-training, evaluation, grounding, segmentation); "
              f"{len(sessions)} invocation(s) of the study command, the last {sessions[-1] / 60:.1f} min." if sessions
              else f"Time of the steps so far: {steps / 60:.1f} min (the study has not finished).", ""]
+    text += tokenizer_note
     text += ["## Grounding, locality and retrieval", "", tables["overall"], "",
              "## Grounding CNR per category", "", tables["cnr_by_category"], "",
              "## Segmentation test Dice by label fraction", "", tables["dice"], "",

@@ -47,7 +47,12 @@ def test_study_runs_resumes_and_reports(phantom, tmp_path):
     assert [r["step"] for r in again[len(records) :]] == ["session"]
     # the report alone, from the records
     res = _study("report", "--work-dir", str(work), "--out", str(tmp_path / "again"))
-    assert res.returncode == 0 and (tmp_path / "again" / "results.md").read_text().split("\n", 4)[4] == text.split("\n", 4)[4]
+    again_text = (tmp_path / "again" / "results.md").read_text()
+    assert res.returncode == 0 and again_text.split("\n", 6)[6] == text.split("\n", 6)[6]  # after time and tokenizer
+    # the tokenizer the runs used ships with the results, and the report says how to reuse it
+    for folder in (out, tmp_path / "again"):
+        assert (folder / "tokenizer" / "tokenizer.json").read_bytes() == (work / "tokenizer" / "tokenizer.json").read_bytes()
+        assert f"--tokenizer-dir {folder.as_posix()}/tokenizer" in (folder / "results.md").read_text()
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
