@@ -3,9 +3,8 @@
 Each (variant, training length) runs as its own study (:class:`~study.runner.StudyRunner`) in
 ``<work_dir>/<variant>_e<epochs>``: pre-training, locality and retrieval, phrase grounding; no segmentation and no
 heatmaps. So each one resumes, and refuses other settings, like the study itself. All share one tokenizer
-(``<work_dir>/tokenizer`` unless given). The report ranks nothing on the
-test split: run the sweep with ``split="validation"``, pick by the rule written in the report, then confirm the
-pick once with ``split="test"``.
+(``<work_dir>/tokenizer`` unless given). Tune on ``split="validation"`` (the default); run a pick once with
+``split="test"``, in another work dir, to confirm it.
 """
 
 from __future__ import annotations
