@@ -114,7 +114,7 @@ def write_sweep_report(records: Sequence[dict], out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     minutes = sum(r.get("seconds", 0) for r in records) / 60
     text = [f"# Sweep of ELVIS settings, {splits[0]} split of the phantom", "",
-            f"One setting changed at a time against ELVIS as shipped and the one-hot baseline; mean ± sample standard "
+            f"One setting of ELVIS changed at a time ('what changes' says which); mean ± sample standard "
             f"deviation over seeds. Steps took {minutes:.1f} min in all.", "", sweep_table(records), ""]  # fmt: skip
     path = out_dir / f"sweep_{splits[0]}.md"
     path.write_text("\n".join(text))
