@@ -20,6 +20,8 @@ class Keys:
     LABEL = "label"
     BOXES = "boxes"
     PHRASE = "phrase"
+    FINDINGS = "findings"  # names of the finding kinds of a study (phantom datalists)
+    CLASS_LABEL = "class_label"  # [K] multi-hot classes of a study (zero-shot and class-aware evaluation)
 
 
 class OutKeys:

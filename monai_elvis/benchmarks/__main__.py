@@ -1,4 +1,5 @@
-"""Command line of the benchmarks: ``python -m monai_elvis.benchmarks {losses,transforms,train-step} [--json]``."""
+"""Command line of the benchmarks:
+``python -m monai_elvis.benchmarks {losses,transforms,train-step,phantom-probe} [--json]``."""
 
 from __future__ import annotations
 
@@ -64,6 +65,27 @@ def _train_step(args: argparse.Namespace) -> None:
         print(_table(records, cols))
 
 
+def _phantom_probe(args: argparse.Namespace) -> None:
+    from monai_elvis.benchmarks.phantom_probe import run_phantom_probe
+    from monai_elvis.data.phantom import prepare_phantom
+
+    say = (lambda msg: None) if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    data_dir = args.data_dir or ("data/phantom" if args.difficulty == "easy" else f"data/phantom_{args.difficulty}")
+    say(f"phantom: {data_dir} ({args.difficulty}); written first if missing")
+    prepare_phantom(data_dir, num=args.num, seed=args.seed, difficulty=args.difficulty)
+    result = run_phantom_probe(data_dir, image_size=args.size, epochs=args.epochs, seed=args.seed,
+                               encoder_kwargs={"output_stride": args.output_stride}, progress=say)  # fmt: skip
+    if args.json:
+        print(json.dumps(result["records"], indent=1))
+        return
+    rows = [{**r, "auc": f"{r['auc']:.3f}", "side_accuracy": "-" if r["side_accuracy"] is None else f"{r['side_accuracy']:.3f}"}
+            for r in result["records"]]  # fmt: skip
+    print(_table(rows, ["kind", "auc", "side_accuracy", "test_positives"]))
+    print(f"{args.difficulty} phantom ({data_dir}): {result['train']} training / {result['test']} test studies at "
+          f"{result['image_size']} px, {result['steps']} steps; {result['seconds']:.0f} s in all "
+          f"({result['train_seconds']:.0f} s training)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m monai_elvis.benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +110,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, help="override the scale's batch size")
     p.set_defaults(func=_train_step)
+    p = sub.add_parser("phantom-probe", help="per-kind test AUC and side accuracy of a supervised probe on the phantom")
+    p.add_argument("--json", action="store_true", help="print one record per kind: kind, auc, side_accuracy")
+    p.add_argument("--difficulty", default="easy", choices=["easy", "realistic"])
+    p.add_argument("--data-dir", help="phantom folder (default data/phantom, or data/phantom_<difficulty>)")
+    p.add_argument("--num", type=int, default=2000, help="studies, when the phantom is written")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128, help="training resolution (the pre-training bundle's)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
+    p.set_defaults(func=_phantom_probe)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -40,14 +40,20 @@ def prepare_grounding_batch(batchdata: Mapping[str, Any], device: str | torch.de
 
 def prepare_vlp_batch(batchdata: Mapping[str, Any], device: str | torch.device | None = None,
                       non_blocking: bool = False, **kwargs: Any):  # fmt: skip
-    """``prepare_batch`` for MONAI engines: ``(image, None, (), {input_ids, attention_mask, sentence_index})``,
-    so that the inferer calls ``network(image, input_ids=..., attention_mask=..., sentence_index=...)``."""
+    """``prepare_batch`` for MONAI engines: ``(image, target, (), {input_ids, attention_mask, sentence_index})``,
+    so that the inferer calls ``network(image, input_ids=..., attention_mask=..., sentence_index=...)``.
+
+    ``target`` is the batch's multi-hot ``class_label`` ``[B, K]`` when it has one (for zero-shot and
+    class-aware evaluation, see :class:`~monai_elvis.transforms.ClassNamesToMultiHotd`), else ``None``."""
     missing = [k for k in (Keys.IMAGE, *TEXT_KEYS) if k not in batchdata]
     if missing:
         raise KeyError(f"an image-report batch needs {missing}; it has {sorted(batchdata)}.")
     image = torch.as_tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking, **kwargs)
     text = {k: torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking) for k in TEXT_KEYS}
-    return image, None, (), text
+    target = batchdata.get(Keys.CLASS_LABEL)
+    if target is not None:
+        target = torch.as_tensor(target).to(device=device, non_blocking=non_blocking)
+    return image, target, (), text
 
 
 class ObjectiveLoss(nn.Module):
@@ -160,14 +166,22 @@ class MetricsJSONHandler:
         os.replace(tmp, self.path)
 
 
-def from_pred(keys: Sequence[str]) -> Callable[[Mapping], tuple]:
+def from_pred(keys: Sequence[str], label: bool = False) -> Callable[[Mapping], tuple]:
     """``output_transform`` picking entries of the network's output dict (``engine.state.output["pred"]``),
-    e.g. for :class:`monai.handlers.IgniteMetricHandler`: ``from_pred(["image_global", "text_global"])``."""
+    e.g. for :class:`monai.handlers.IgniteMetricHandler`: ``from_pred(["image_global", "text_global"])`` gives
+    ``(image_global, text_global)``.
+
+    With ``label``, the result is ``(y_pred, y)`` with ``y`` the engine's target (``output["label"]``, for
+    example the multi-hot classes of :func:`prepare_vlp_batch`) and ``y_pred`` the one picked entry, or the
+    tuple of several: ``from_pred(["image_global"], label=True)`` gives ``(image_global, label)``."""
     keys = list(keys)
 
     def transform(output: Mapping) -> tuple:
         pred = output[CommonKeys.PRED]
-        return tuple(pred[k].detach() for k in keys)
+        picked = tuple(pred[k].detach() for k in keys)
+        if not label:
+            return picked
+        return (picked[0] if len(picked) == 1 else picked), output.get(CommonKeys.LABEL)
 
     return transform
 

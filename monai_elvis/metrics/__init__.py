@@ -1,4 +1,5 @@
-"""Metrics: retrieval recall@K, locality preservation and phrase grounding (CNR, pointing game, IoU, mIoU)."""
+"""Metrics: retrieval recall@K and class-aware precision@K, locality preservation, phrase grounding (CNR, pointing
+game, side of the peak, IoU, mIoU), zero-shot classification and phrase sensitivity."""
 
 from monai_elvis.metrics.grounding import (
     MIOU_THRESHOLDS,
@@ -6,13 +7,29 @@ from monai_elvis.metrics.grounding import (
     grounding_cnr,
     heatmap_iou,
     heatmap_miou,
+    peak_side,
     pointing_game,
 )
 from monai_elvis.metrics.locality import LocalityPreservationMetric, locality_preservation
 from monai_elvis.metrics.retrieval import RetrievalRecallMetric, retrieval_recall
+from monai_elvis.metrics.zero_shot import (
+    FINDING_PROMPTS,
+    SIDE_PHRASES,
+    ClassAwareRetrievalMetric,
+    PhraseSensitivityMetric,
+    ZeroShotClassificationMetric,
+    class_precision_at_k,
+    class_precision_chance,
+    map_correlation,
+    zero_shot_auc,
+    zero_shot_scores,
+)
 
 __all__ = [
-    "GroundingMetric", "grounding_cnr", "heatmap_iou", "heatmap_miou", "pointing_game", "MIOU_THRESHOLDS",
+    "GroundingMetric", "grounding_cnr", "heatmap_iou", "heatmap_miou", "pointing_game", "peak_side", "MIOU_THRESHOLDS",
+    "FINDING_PROMPTS", "SIDE_PHRASES", "ClassAwareRetrievalMetric", "PhraseSensitivityMetric",
+    "ZeroShotClassificationMetric", "class_precision_at_k", "class_precision_chance", "map_correlation",
+    "zero_shot_auc", "zero_shot_scores",
     "LocalityPreservationMetric", "locality_preservation",
     "RetrievalRecallMetric", "retrieval_recall",
 ]  # fmt: skip

@@ -9,7 +9,9 @@ from monai.utils import MetricReduction
 
 from monai_elvis.metrics.base import ReducedIterationMetric
 
-__all__ = ["grounding_cnr", "pointing_game", "heatmap_iou", "heatmap_miou", "GroundingMetric", "MIOU_THRESHOLDS"]
+__all__ = [
+    "grounding_cnr", "pointing_game", "peak_side", "heatmap_iou", "heatmap_miou", "GroundingMetric", "MIOU_THRESHOLDS",
+]  # fmt: skip
 
 MIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -75,6 +77,24 @@ def pointing_game(heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return boxes.any(1).gather(1, peak)[:, 0].float()
 
 
+def peak_side(heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 where the heatmap's maximum lies in the same half of the image (left or right of the vertical midline)
+    as the boxes, 0 where it lies in the other half, NaN where the boxes are not all in one half (a finding
+    across the midline, such as cardiomegaly, has no side). -> ``[B]``; chance 0.5."""
+    h, boxes, valid = _prepare(heatmap, mask)
+    _check(_scorable(boxes, valid).any(1))
+    width = heatmap.shape[-1]
+    cols = torch.arange(h.shape[1], device=h.device) % width
+    right = cols >= (width + 1) // 2  # the middle column of an odd width belongs to neither half
+    left = cols < width // 2
+    region = boxes.any(1)
+    in_left, in_right = (region & left).any(1), (region & right).any(1)
+    across = (region & ~left & ~right).any(1) | (in_left & in_right)
+    peak = torch.where(valid, h, torch.full_like(h, -torch.inf)).argmax(1, keepdim=True)
+    hit = torch.where(in_right, right.expand_as(h).gather(1, peak)[:, 0], left.expand_as(h).gather(1, peak)[:, 0])
+    return torch.where(across, torch.full_like(h[:, 0], float("nan")), hit.float())
+
+
 def heatmap_iou(heatmap: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """IoU between ``heatmap >= threshold`` and the union of the boxes, over finite pixels. -> ``[B]``."""
     h, boxes, valid = _prepare(heatmap, mask)
@@ -96,15 +116,17 @@ class GroundingMetric(ReducedIterationMetric):
     per-item ``[1, H, W]`` / ``[K, H, W]`` tensors of different sizes (as MONAI's decollated engines give).
 
     Args:
-        metric_name: ``"cnr"``, ``"pointing"``, ``"iou"`` or ``"miou"``. An item with no box that can be scored
-            (every box lost in resizing, or covering the image) counts as NaN, which the mean reduction leaves
-            out. Non-finite heatmap pixels are ignored.
+        metric_name: ``"cnr"``, ``"pointing"``, ``"side"`` (:func:`peak_side`), ``"iou"`` or ``"miou"``. An item
+            with no box that can be scored (every box lost in resizing, or covering the image) counts as NaN,
+            which the mean reduction leaves out (so does an item without a side for ``"side"``). Non-finite
+            heatmap pixels are ignored.
         threshold: of ``"iou"``.
         thresholds: of ``"miou"``.
         reduction: MONAI metric reduction (mean by default).
     """
 
-    _FUNCS = {"cnr": grounding_cnr, "pointing": pointing_game, "iou": heatmap_iou, "miou": heatmap_miou}
+    _FUNCS = {"cnr": grounding_cnr, "pointing": pointing_game, "side": peak_side, "iou": heatmap_iou,
+              "miou": heatmap_miou}  # fmt: skip
 
     def __init__(self, metric_name: str = "cnr", threshold: float = 0.5, thresholds: Sequence[float] = MIOU_THRESHOLDS,
                  reduction: MetricReduction | str = MetricReduction.MEAN) -> None:  # fmt: skip
@@ -114,6 +136,19 @@ class GroundingMetric(ReducedIterationMetric):
         self.metric_name = metric_name
         self.threshold = threshold
         self.thresholds = tuple(thresholds)
+        self._area: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self._area = []
+
+    def chance(self) -> float:
+        """The expected value for a map unrelated to the boxes: for ``"pointing"`` the mean share of the image the
+        boxes cover (where a uniformly random peak lands), for ``"side"`` 0.5, else 0 (``"cnr"``: no contrast;
+        ``"iou"``, ``"miou"``: a lower bound)."""
+        if self.metric_name == "pointing":
+            return float(torch.cat(self._area).mean()) if self._area else float("nan")
+        return 0.5 if self.metric_name == "side" else 0.0
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if y is None:
@@ -121,6 +156,7 @@ class GroundingMetric(ReducedIterationMetric):
         y_pred, y = y_pred.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)
         _, boxes, valid = _prepare(y_pred, y)
         ok = _scorable(boxes, valid).any(1)
+        self._area.append((boxes.any(1).sum(1).float() / valid.sum(1).clamp(min=1))[ok].cpu())
         out = torch.full((y_pred.shape[0], 1), float("nan"), device=y_pred.device)
         if ok.any():
             extra = {"iou": (self.threshold,), "miou": (self.thresholds,)}.get(self.metric_name, ())

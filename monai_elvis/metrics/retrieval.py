@@ -54,6 +54,12 @@ class RetrievalRecallMetric(Cumulative):
     def __call__(self, y_pred: torch.Tensor, y: torch.Tensor) -> None:
         self.extend(y_pred.detach().float(), y.detach().float())
 
+    def chance(self) -> float:
+        """``k / N``: the recall@``k`` of a random ranking of the ``N`` items accumulated."""
+        buffers = self.get_buffer()
+        n = len(buffers[0]) if isinstance(buffers, list) and len(buffers) else 0
+        return min(1.0, self.k / n) if n else float("nan")
+
     def aggregate(self) -> torch.Tensor:
         buffers = self.get_buffer()
         if not isinstance(buffers, list) or not len(buffers[0]):

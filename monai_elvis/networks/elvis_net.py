@@ -23,6 +23,12 @@ class ElvisNet(nn.Module):
         embed_dim: the shared embedding size ``d``.
         projection_layers: linear layers in each projection head.
         attention_temperature: of :class:`CrossModalAttention` (``None``: ``sqrt(d)``).
+        shared_projection: one projection head per modality for local and global features (as BioViL's single
+            projector), instead of separate local and global heads. The global contrastive loss then shapes the
+            space the regions and sentences are projected into, so that a region's similarity to a phrase is
+            what the global alignment learnt about its content (with mean-pooled global features and a
+            linear head, exactly the region's share of the image-report similarity, as in class activation
+            maps). Both heads' names stay in the state dict, holding the same tensors.
 
     ``forward(image [B, c, H, W], input_ids [B, L], attention_mask [B, L], sentence_index [B, L])`` returns a dict
     keyed by :class:`~monai_elvis.keys.OutKeys`: pre- and post-projection global and local features of both
@@ -37,6 +43,7 @@ class ElvisNet(nn.Module):
         embed_dim: int = 128,
         projection_layers: int = 2,
         attention_temperature: float | None = None,
+        shared_projection: bool = False,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder if image_encoder is not None else CXRImageEncoder("resnet18", 1, 0.125)
@@ -44,10 +51,14 @@ class ElvisNet(nn.Module):
         c = int(getattr(self.image_encoder, "out_channels"))
         dt = int(self.text_encoder.hidden_size)
         self.embed_dim = embed_dim
+        self.shared_projection = shared_projection
         self.image_local_head = ProjectionHead(c, embed_dim, num_layers=projection_layers)
-        self.image_global_head = ProjectionHead(c, embed_dim, num_layers=projection_layers)
         self.text_local_head = ProjectionHead(dt, embed_dim, num_layers=projection_layers)
-        self.text_global_head = ProjectionHead(dt, embed_dim, num_layers=projection_layers)
+        if shared_projection:
+            self.image_global_head, self.text_global_head = self.image_local_head, self.text_local_head
+        else:
+            self.image_global_head = ProjectionHead(c, embed_dim, num_layers=projection_layers)
+            self.text_global_head = ProjectionHead(dt, embed_dim, num_layers=projection_layers)
         self.attention = CrossModalAttention(attention_temperature)
 
     def encode_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,11 +18,23 @@ RESNET_ARCHS: dict[str, tuple[str, list[int]]] = {
 }
 
 
+def _dilate(stage: nn.Module, dilation: int) -> None:
+    """Turn a ResNet stage's stride-2 downsampling into dilation: stride 1 everywhere, 3x3 convolutions dilated."""
+    for m in stage.modules():
+        if isinstance(m, nn.Conv2d):
+            m.stride = (1, 1)
+            if m.kernel_size == (3, 3):
+                m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
+
+
 class CXRImageEncoder(nn.Module):
     """2D ResNet (MONAI's :class:`~monai.networks.nets.ResNet`) returning local region features and a global feature.
 
     The stem is the ImageNet layout (7x7 convolution with stride 2, then 3x3 max pooling), so a
-    ``H x W`` input gives a ``H/32 x W/32`` grid of regions from the last stage.
+    ``H x W`` input gives a ``H/32 x W/32`` grid of regions from the last stage, or a finer grid with
+    ``output_stride`` 16 or 8: the last stage (or the last two) then keeps its input's resolution and dilates its
+    3x3 convolutions instead (as DeepLab does, and BioViL for its 15x15 patch grids). The weights are the same
+    in every case, so a state dict moves between encoders of different output strides.
 
     Args:
         arch: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
@@ -33,10 +45,11 @@ class CXRImageEncoder(nn.Module):
             (``fc.*``) in it is ignored. Loaded with ``torch.load(..., weights_only=True)``.
         state_dict_prefix: a prefix to strip from the keys of ``pretrained_path`` first, e.g.
             ``"image_encoder."`` for a checkpoint of :class:`~monai_elvis.networks.ElvisNet`.
+        output_stride: 32 (default), 16 or 8: the input pixels per region of the grid.
 
     Shapes:
         input ``[B, in_channels, H, W]`` -> ``(local [B, N, C], global [B, C])`` with ``N = h * w`` the region grid
-        (row-major, ``h = ceil(H / 32)``), ``C`` = :attr:`out_channels`. The grid size of the last call is in
+        (row-major, ``h = ceil(H / output_stride)``), ``C`` = :attr:`out_channels`. The grid size of the last call is in
         :attr:`last_grid_size`; it is also returned by :meth:`forward_with_grid`.
     """
 
@@ -47,6 +60,7 @@ class CXRImageEncoder(nn.Module):
         widen_factor: float = 1.0,
         pretrained_path: str | os.PathLike | None = None,
         state_dict_prefix: str = "",
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if arch not in RESNET_ARCHS:
@@ -67,6 +81,12 @@ class CXRImageEncoder(nn.Module):
             widen_factor=widen_factor,
             feed_forward=False,
         )
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}.")
+        self.output_stride = output_stride
+        dilated = {32: [], 16: [self.backbone.layer4], 8: [self.backbone.layer3, self.backbone.layer4]}[output_stride]
+        for i, stage in enumerate(dilated):
+            _dilate(stage, 2 ** (i + 1))
         self.out_channels = int(512 * widen_factor) * expansion
         self.last_grid_size: tuple[int, int] | None = None
         if pretrained_path is not None:

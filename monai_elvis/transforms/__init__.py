@@ -2,6 +2,8 @@
 
 from monai_elvis.transforms.io import CXRLoadError, LoadCXR, LoadCXRd
 from monai_elvis.transforms.labels import (
+    ClassNamesToMultiHot,
+    ClassNamesToMultiHotd,
     BoxesToMask,
     BoxesToMaskd,
     LoadLabelMap,
@@ -33,6 +35,7 @@ from monai_elvis.transforms.report import (
 
 __all__ = [
     "CXRLoadError", "LoadCXR", "LoadCXRd",
+    "ClassNamesToMultiHot", "ClassNamesToMultiHotd",
     "BoxesToMask", "BoxesToMaskd", "LoadLabelMap", "LoadLabelMapd", "MaskToBoxes", "MaskToBoxesd", "RLEToMask", "RLEToMaskd",
     "cxr_augmentation", "cxr_spatial_intensity",
     "ExtractReportSections", "ExtractReportSectionsd", "RandDropSentences", "RandDropSentencesd",

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from monai_elvis.keys import Keys
 
-__all__ = ["LoadLabelMap", "LoadLabelMapd", "RLEToMask", "RLEToMaskd", "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd"]
+__all__ = ["ClassNamesToMultiHot", "ClassNamesToMultiHotd", "LoadLabelMap", "LoadLabelMapd", "RLEToMask", "RLEToMaskd", "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd"]
 
 
 def _round_half_up(v: float) -> int:
@@ -260,4 +260,52 @@ class MaskToBoxesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[self.boxes_key] = self.converter(d[key])
+        return d
+
+
+class ClassNamesToMultiHot(Transform):
+    """A list of class names (e.g. the finding kinds of a phantom datalist entry) to a multi-hot float tensor
+    ``[K]`` in the order of ``classes``. An unknown name raises ``ValueError`` naming it.
+
+    Args:
+        classes: the class names, in label order.
+    """
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.classes = list(classes)
+        if len(set(self.classes)) != len(self.classes) or not self.classes:
+            raise ValueError(f"classes must be distinct and not empty, got {self.classes}.")
+
+    def __call__(self, names: Sequence[str]) -> torch.Tensor:
+        if isinstance(names, str):
+            names = [names]
+        unknown = [n for n in names if n not in self.classes]
+        if unknown:
+            raise ValueError(f"unknown classes {unknown}; known: {self.classes}.")
+        label = torch.zeros(len(self.classes))
+        for n in names:
+            label[self.classes.index(n)] = 1.0
+        return label
+
+
+class ClassNamesToMultiHotd(MapTransform):
+    """Dict form of :class:`ClassNamesToMultiHot`: ``keys`` hold lists of names; the tensor goes to the matching
+    ``output_keys`` (default: the same keys)."""
+
+    def __init__(self, keys: KeysCollection, classes: Sequence[str], output_keys: KeysCollection | None = None,
+                 allow_missing_keys: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ClassNamesToMultiHot(classes)
+        out = self.keys if output_keys is None else ((output_keys,) if isinstance(output_keys, str) else tuple(output_keys))
+        if len(out) != len(self.keys):
+            raise ValueError(f"output_keys {out} must match keys {self.keys} one to one.")
+        self.output_keys = out
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, out in zip(self.key_iterator(d), self.output_keys):
+            try:
+                d[out] = self.converter(d[key])
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
         return d

@@ -3,17 +3,64 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from monai_elvis.data.phantom.anatomy import HU_WATER_MU, LOBES, PhantomAnatomy
 
-__all__ = ["Finding", "FINDING_TYPES", "sample_finding", "warm_up"]
+__all__ = ["Finding", "FINDING_TYPES", "FindingSettings", "Difficulty", "DIFFICULTIES", "sample_finding", "warm_up"]
 
 FINDING_TYPES = ("nodule", "opacity", "effusion", "pneumothorax", "cardiomegaly", "atelectasis")
 LUNGS = {"right": [n for n, (s, _) in LOBES.items() if s == "right"], "left": [n for n, (s, _) in LOBES.items() if s == "left"]}
 LOWER_LOBE = {"right": "lung_lower_lobe_right", "left": "lung_lower_lobe_left"}
+
+
+@dataclass(frozen=True)
+class FindingSettings:
+    """How conspicuous the inserted findings are.
+
+    Attributes:
+        contrast: factor on each lesion's change of the line integral (1: the attenuation of the inserted
+            tissue; larger: denser lesions, and deeper air for a pneumothorax).
+        size_scale: factor on the sampled sizes of nodules and masses, opacities, pneumothoraces and
+            atelectasis (effusions and cardiomegaly keep their sizes: they are already large).
+        texture: share of an opacity's volume left aerated by a smooth random pattern, which makes it patchy
+            and ill-defined, unlike a solid nodule (0: solid).
+        lung_field: the least share of a nodule's, opacity's or atelectasis's projection that must lie in the
+            open lung field (the lungs' projection outside the heart, mediastinum and diaphragm), where a
+            radiograph shows it best (0: anywhere in its lobe, also behind the heart or below the dome).
+    """
+
+    contrast: float = 1.0
+    size_scale: float = 1.0
+    texture: float = 0.0
+    lung_field: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.contrast <= 0 or self.size_scale <= 0:
+            raise ValueError(f"contrast and size_scale must be positive, got {self.contrast} and {self.size_scale}.")
+        if not 0 <= self.texture < 1:
+            raise ValueError(f"texture must be in [0, 1), got {self.texture}.")
+        if not 0 <= self.lung_field <= 1:
+            raise ValueError(f"lung_field must be in [0, 1], got {self.lung_field}.")
+
+
+class Difficulty(str, Enum):
+    """Named :class:`FindingSettings`: ``easy`` (the default: every kind is learnt by the tiny encoder at 128 px,
+    see ``python -m monai_elvis.benchmarks phantom-probe``) and ``realistic`` (the inserted tissue's own
+    attenuation and sizes; several kinds are then hard to see at a small resolution)."""
+
+    EASY = "easy"
+    REALISTIC = "realistic"
+
+
+DIFFICULTIES: dict[str, FindingSettings] = {
+    Difficulty.EASY.value: FindingSettings(contrast=4.0, size_scale=2.0, texture=0.5, lung_field=0.6),
+    Difficulty.REALISTIC.value: FindingSettings(contrast=1.0, size_scale=1.0),
+}
 
 
 @dataclass
@@ -102,10 +149,10 @@ def _blob_in(anat: PhantomAnatomy, lobe: str, radii_mm: list[np.ndarray], offset
     return None
 
 
-def _nodule(anat, rng) -> Finding | None:
+def _nodule(anat, rng, scale: float = 1.0) -> Finding | None:
     lobe = rng.choice(list(LOBES))
     mass = rng.random() < 0.3
-    diameter = float(rng.uniform(30, 55) if mass else rng.uniform(8, 28))
+    diameter = float(rng.uniform(30, 55) if mass else rng.uniform(8, 28)) * scale
     radii = [diameter / 2 * rng.uniform(0.85, 1.15, 3) for _ in range(2)]
     offsets = [np.zeros(3), rng.normal(0, diameter / 8, 3)]
     got = _blob_in(anat, lobe, radii, offsets, rng, min_inside=0.75)
@@ -119,17 +166,23 @@ def _nodule(anat, rng) -> Finding | None:
                    delta, mask, anat.structure_projection(lobe))  # fmt: skip
 
 
-def _opacity(anat, rng) -> Finding | None:
+def _opacity(anat, rng, scale: float = 1.0, texture: float = 0.0) -> Finding | None:
     lobe = rng.choice(list(LOBES))
     n = int(rng.integers(3, 7))
-    radii = [np.full(3, rng.uniform(10, 22)) * rng.uniform(0.8, 1.2, 3) for _ in range(n)]
-    offsets = [np.zeros(3)] + [rng.normal(0, 14, 3) for _ in range(n - 1)]
+    radii = [np.full(3, rng.uniform(10, 22)) * rng.uniform(0.8, 1.2, 3) * scale for _ in range(n)]
+    offsets = [np.zeros(3)] + [rng.normal(0, 14, 3) * scale for _ in range(n - 1)]
     got = _blob_in(anat, lobe, radii, offsets, rng, min_inside=0.5)
     if got is None:
         return None
     region, box = got
     hu = float(rng.uniform(-400, 0))
-    delta, mask = _place(anat, region, box, hu)
+    mask = None
+    if texture > 0:  # the outline stays the whole region's; the density is patchy inside it
+        _, mask = _place(anat, region, box, hu)
+        pattern = gaussian_filter(rng.normal(size=region.shape), 2.0)
+        region = region & (pattern > np.quantile(pattern[region], texture))
+    delta, solid_mask = _place(anat, region, box, hu)
+    mask = solid_mask if mask is None else mask
     side, where = LOBES[lobe]
     fraction = region.sum() / len(anat.voxels(lobe))
     severity = "focal" if fraction < 0.08 else "patchy" if fraction < 0.2 else "extensive"
@@ -138,7 +191,7 @@ def _opacity(anat, rng) -> Finding | None:
                                              "appearance": kind}, delta, mask, anat.structure_projection(lobe))  # fmt: skip
 
 
-def _effusion(anat, rng) -> Finding | None:
+def _effusion(anat, rng, scale: float = 1.0) -> Finding | None:
     side = str(rng.choice(["left", "right"]))
     lobe = LOWER_LOBE[side]
     vox = anat.voxels(lobe)
@@ -172,11 +225,11 @@ def _lung_maps(anat: PhantomAnatomy, side: str):
     return cache[side]
 
 
-def _pneumothorax(anat, rng) -> Finding | None:
+def _pneumothorax(anat, rng, scale: float = 1.0) -> Finding | None:
     side = str(rng.choice(["left", "right"]))
     where = str(rng.choice(["apical", "lateral"]))
     size = str(rng.choice(["small", "moderate", "large"]))
-    depth = {"small": 8.0, "moderate": 16.0, "large": 28.0}[size] * rng.uniform(0.8, 1.2)
+    depth = {"small": 8.0, "moderate": 16.0, "large": 28.0}[size] * rng.uniform(0.8, 1.2) * scale
     lung, top, edge, z_lo, z_hi = _lung_maps(anat, side)
     if where == "apical":
         zs = np.arange(lung.shape[2])[None, None, :]
@@ -205,7 +258,7 @@ def _pneumothorax(anat, rng) -> Finding | None:
     return Finding("pneumothorax", LUNGS[side], side, {"location": where, "size": size}, delta, mask, ref)
 
 
-def _cardiomegaly(anat, rng) -> Finding | None:
+def _cardiomegaly(anat, rng, scale: float = 1.0) -> Finding | None:
     heart_vox = anat.voxels("heart")
     centre = heart_vox.mean(axis=0)
     scale = np.array([rng.uniform(1.15, 1.4), 1.08, rng.uniform(1.1, 1.25)])
@@ -223,14 +276,14 @@ def _cardiomegaly(anat, rng) -> Finding | None:
     return Finding("cardiomegaly", ["heart"], "", {"severity": severity, "scale": round(ratio, 3)}, delta, mask, mask.copy())
 
 
-def _atelectasis(anat, rng) -> Finding | None:
+def _atelectasis(anat, rng, scale: float = 1.0) -> Finding | None:
     lobe = rng.choice(list(LOBES))
     vox = anat.voxels(lobe)
     zmin, zmax = vox[:, 2].min(), vox[:, 2].max()
     plate = rng.random() < 0.5
     if plate:
         z0 = zmin + rng.uniform(0.25, 0.65) * (zmax - zmin)
-        thick = max(1.0, rng.uniform(4, 8) / anat.spacing[2])
+        thick = max(1.0, rng.uniform(4, 8) * scale / anat.spacing[2])
         box = (slice(0, anat.mu.shape[0]), slice(0, anat.mu.shape[1]), slice(int(z0), int(z0 + thick) + 1))
         region = anat.labels[box] == anat.structures[lobe]
     else:
@@ -245,16 +298,32 @@ def _atelectasis(anat, rng) -> Finding | None:
     return Finding("atelectasis", [lobe], side, {"lobe": where, "pattern": kind}, delta, mask, anat.structure_projection(lobe))
 
 
-def warm_up(anat: PhantomAnatomy) -> None:
-    """Compute the per-anatomy caches the samplers use (before forking workers, so they share them)."""
+def lung_field(anat: PhantomAnatomy) -> np.ndarray:
+    """``[Z, X]`` bool: the open lung field of the projection, the lungs' pixels whose normal line integral is in
+    the lower 60% of the lungs' (outside the heart, mediastinum and diaphragm). Cached."""
+    cache = anat.__dict__.setdefault("_lung_field", {})
+    if "f" not in cache:
+        lungs = np.zeros(anat.base_projection.shape, bool)
+        for name in LOBES:
+            lungs |= anat.structure_projection(name)
+        base = anat.base_projection
+        cache["f"] = lungs & (base <= np.percentile(base[lungs], 60)) & ~anat.structure_projection("heart")
+    return cache["f"]
+
+
+def warm_up(anat: PhantomAnatomy, settings=None) -> None:
+    """Compute the per-anatomy caches the samplers and the renderer (with its ``RenderSettings``) use, before
+    starting workers, so that they receive them filled."""
     for name in (*LOBES, "heart"):
         anat.voxels(name)
         anat.structure_projection(name)
     for side in LUNGS:
         _lung_maps(anat, side)
-    from monai_elvis.data.phantom.render import display_window
+    lung_field(anat)
+    from monai_elvis.data.phantom.render import RenderSettings, display_window
 
-    display_window(anat)
+    s = settings or RenderSettings()
+    display_window(anat, s.framing, s.margin)
 
 
 _SAMPLERS = {
@@ -263,10 +332,28 @@ _SAMPLERS = {
 }  # fmt: skip
 
 
-def sample_finding(kind: str, anat: PhantomAnatomy, rng: np.random.Generator) -> Finding:
-    """Insert one finding of ``kind`` at a random place that fits; raises ``RuntimeError`` if none fits."""
-    for _ in range(5):
-        f = _SAMPLERS[kind](anat, rng)
+_IN_LUNG_FIELD = ("nodule", "opacity", "atelectasis")
+
+
+def sample_finding(kind: str, anat: PhantomAnatomy, rng: np.random.Generator,
+                   settings: FindingSettings | None = None) -> Finding:  # fmt: skip
+    """Insert one finding of ``kind`` at a random place that fits; raises ``RuntimeError`` if none fits.
+
+    ``settings`` (default: realistic, ``FindingSettings()``) scales its size and its contrast."""
+    s = settings or FindingSettings()
+    if s.lung_field > 0 and kind in _IN_LUNG_FIELD:
+        field = lung_field(anat)
+        for _ in range(20):
+            f = sample_finding(kind, anat, rng, FindingSettings(s.contrast, s.size_scale, s.texture, 0.0))
+            if (f.mask & field).sum() >= s.lung_field * f.mask.sum():
+                return f
+        return f  # rare: no place in the open field after 20 tries; keep the last one
+    for attempt in range(8):
+        # a lesion scaled up may not fit its lobe (the middle lobe is small): shrink it towards its realistic size
+        scale = s.size_scale if attempt < 3 or s.size_scale <= 1 else max(1.0, s.size_scale * 0.8 ** (attempt - 2))
+        f = _opacity(anat, rng, scale, s.texture) if kind == "opacity" else _SAMPLERS[kind](anat, rng, scale)
         if f is not None and f.mask.any():
+            if s.contrast != 1.0:
+                f.delta = f.delta * np.float32(s.contrast)
             return f
     raise RuntimeError(f"could not place a {kind} in {anat.source}.")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from monai_elvis.data.phantom.anatomy import PhantomAnatomy
-from monai_elvis.data.phantom.findings import FINDING_TYPES, sample_finding
+from monai_elvis.data.phantom.findings import DIFFICULTIES, FINDING_TYPES, Difficulty, FindingSettings, sample_finding
 from monai_elvis.data.phantom.render import RenderSettings, render
 from monai_elvis.data.phantom.reports import MS_CXR_CATEGORY, compose_report
 from monai_elvis.transforms.labels import MaskToBoxes
@@ -49,7 +49,9 @@ class PhantomGenerator:
         max_findings: at most this many findings (of different kinds) per study.
         finding_types: the kinds to draw from.
         augment: pose, elastic and intensity variety (off: every study has the same geometry and window).
-        settings: the variety ranges.
+        settings: the variety ranges and the framing (:class:`RenderSettings`).
+        difficulty: how conspicuous the findings are: a :class:`Difficulty` name (``"easy"``, the default, or
+            ``"realistic"``) or explicit :class:`FindingSettings`.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class PhantomGenerator:
         finding_types: Sequence[str] = FINDING_TYPES,
         augment: bool = True,
         settings: RenderSettings | None = None,
+        difficulty: str | FindingSettings = Difficulty.EASY,
     ) -> None:
         unknown = [k for k in finding_types if k not in FINDING_TYPES]
         if unknown:
@@ -76,13 +79,23 @@ class PhantomGenerator:
         self.finding_types = list(finding_types)
         self.augment = augment
         self.settings = settings or RenderSettings()
+        if isinstance(difficulty, FindingSettings):
+            self.difficulty, self.finding_settings = "custom", difficulty
+        else:
+            try:
+                self.difficulty = Difficulty(difficulty).value
+            except ValueError:
+                raise ValueError(f"difficulty must be one of {[d.value for d in Difficulty]} or FindingSettings, "
+                                 f"got {difficulty!r}.") from None  # fmt: skip
+            self.finding_settings = DIFFICULTIES[self.difficulty]
         self._boxes = MaskToBoxes(min_pixels=4)
 
     def settings_dict(self) -> dict[str, Any]:
         return {
             "size": self.size, "seed": self.seed, "normal_fraction": self.normal_fraction,
             "max_findings": self.max_findings, "finding_types": self.finding_types, "augment": self.augment,
-            "render": vars(self.settings), "anatomy": self.anatomy.source, "spacing_mm": self.anatomy.spacing,
+            "render": {k: str(v.value) if hasattr(v, "value") else v for k, v in vars(self.settings).items()},
+            "difficulty": self.difficulty, "findings": vars(self.finding_settings), "anatomy": self.anatomy.source, "spacing_mm": self.anatomy.spacing,
         }  # fmt: skip
 
     def __call__(self, index: int) -> PhantomStudy:
@@ -91,7 +104,7 @@ class PhantomGenerator:
         if self.max_findings and rng.random() >= self.normal_fraction:
             n = int(rng.integers(1, self.max_findings + 1))
         kinds = [self.finding_types[i] for i in sorted(rng.choice(len(self.finding_types), n, replace=False))]
-        placed = [sample_finding(k, self.anatomy, rng) for k in kinds]
+        placed = [sample_finding(k, self.anatomy, rng, self.finding_settings) for k in kinds]
         report, described = compose_report(placed, rng)
         image, warped = render(
             self.anatomy, [f.delta for f in placed], [f.mask for f in placed] + [f.reference for f in placed],

@@ -78,7 +78,7 @@ def write_phantom(
     out = Path(out)
     for sub in ("images", "labels", "masks", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    warm_up(generator.anatomy)  # the workers receive the filled caches with the generator
+    warm_up(generator.anatomy, generator.settings)  # the workers receive the filled caches with the generator
     start = time.perf_counter()
     studies: list[dict] = []
     if workers > 1:

@@ -1,0 +1,266 @@
+"""Evaluation with text prompts: zero-shot classification, class-aware retrieval and phrase sensitivity.
+
+Each measure comes with its chance level (:func:`chance_levels` and the ``chance`` attribute of the metric
+classes), so that a log or a ``metrics.json`` says whether a figure means anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from monai.metrics import Cumulative, compute_roc_auc
+
+from monai_elvis.utils import check_batch, check_ndim, l2_normalize
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TextEmbedder", "FINDING_PROMPTS", "SIDE_PHRASES", "zero_shot_scores", "zero_shot_auc", "class_precision_at_k",
+    "class_precision_chance", "map_correlation", "ZeroShotClassificationMetric", "ClassAwareRetrievalMetric",
+    "PhraseSensitivityMetric",
+]  # fmt: skip
+
+TextEmbedder = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
+"""``embed(phrases) -> {"global": [P, d], "sentence": [P, d]}``: projected report-level and first-sentence
+embeddings of each phrase (see :class:`monai_elvis.engines.PromptEncoder`)."""
+
+# finding kind -> (positive prompts, negative prompts); the positives name each side where the kind has one
+FINDING_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "nodule": (("nodule in the right upper lobe", "nodule in the left lower lobe", "pulmonary mass"),
+               ("no pulmonary nodules or masses",)),
+    "opacity": (("opacity in the right lower lobe", "consolidation in the left upper lobe"), ("no focal consolidation",)),
+    "effusion": (("right pleural effusion", "left pleural effusion"), ("no pleural effusion",)),
+    "pneumothorax": (("right pneumothorax", "left pneumothorax"), ("no pneumothorax",)),
+    "cardiomegaly": (("the heart is enlarged", "enlarged cardiac silhouette"), ("heart size is normal",)),
+    "atelectasis": (("atelectasis in the right lower lobe", "atelectasis in the left lower lobe"), ("no atelectasis",)),
+}  # fmt: skip
+
+# phrases for the phrase-sensitivity measure: (phrase, side named or "")
+SIDE_PHRASES: tuple[tuple[str, str], ...] = (
+    ("left pleural effusion", "left"), ("right pleural effusion", "right"),
+    ("right upper lobe nodule", "right"), ("left upper lobe nodule", "left"),
+    ("right pneumothorax", "right"), ("left pneumothorax", "left"),
+    ("cardiomegaly", ""),
+)  # fmt: skip
+
+
+def zero_shot_scores(image: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Per image and class, ``cos(image, positive_c) - cos(image, negative_c)``.
+
+    Shapes: ``image [N, d]``, ``positive [K, d]``, ``negative [K, d]`` (each the mean of the normalised
+    embeddings of a class's prompts) -> ``[N, K]``.
+    """
+    check_ndim(image, "image", 2, "[N, d]")
+    img = l2_normalize(image.float())
+    return img @ l2_normalize(positive.float()).T - img @ l2_normalize(negative.float()).T
+
+
+def zero_shot_auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ROC AUC per class (MONAI's :func:`~monai.metrics.compute_roc_auc`) of ``scores [N, K]`` against binary
+    ``labels [N, K]`` -> ``[K]``; NaN for a class whose labels are all equal."""
+    check_batch([("scores", scores), ("labels", labels)])
+    out = torch.full((scores.shape[1],), float("nan"))
+    for k in range(scores.shape[1]):
+        y = labels[:, k].float()
+        if 0 < y.sum() < len(y):
+            out[k] = float(compute_roc_auc(scores[:, k].float().cpu(), y.cpu()))
+    return out
+
+
+def _same_set(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, None, :].bool() == labels[None, :, :].bool()).all(-1)
+
+
+def class_precision_at_k(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Image-to-report precision@K that respects duplicates: the share of the ``k`` reports ranked nearest each
+    image (cosine similarity; its own report included) whose set of classes equals the image's.
+
+    Shapes: ``image [N, d]``, ``text [N, d]``, ``labels [N, K]`` (multi-hot classes of each pair) -> scalar.
+    """
+    check_ndim(image, "image", 2, "[N, d]")
+    n = check_batch([("image", image), ("text", text), ("labels", labels)])
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}.")
+    sim = l2_normalize(image.float()) @ l2_normalize(text.float()).T
+    top = sim.topk(k, dim=1).indices  # [N, k]
+    return _same_set(labels).gather(1, top).float().mean()
+
+
+def class_precision_chance(labels: torch.Tensor) -> torch.Tensor:
+    """Expected :func:`class_precision_at_k` of a random ranking: the mean share of reports with the same class
+    set as each image (its own included). Shapes: ``labels [N, K]`` -> scalar."""
+    return _same_set(labels).float().mean()
+
+
+def map_correlation(maps: torch.Tensor) -> torch.Tensor:
+    """Mean Pearson correlation between the maps of different phrases on the same image.
+
+    Shapes: ``maps [B, P, N]`` (``P >= 2`` phrases, ``N`` regions) -> ``[B]``. 1 when the map ignores the phrase.
+    """
+    check_ndim(maps, "maps", 3, "[B, P, N]")
+    p = maps.shape[1]
+    if p < 2:
+        raise ValueError(f"map_correlation needs at least 2 phrases, got maps {tuple(maps.shape)}.")
+    x = maps.float() - maps.float().mean(-1, keepdim=True)
+    x = x / x.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    corr = torch.bmm(x, x.transpose(1, 2))  # [B, P, P]
+    iu = torch.triu_indices(p, p, offset=1)
+    return corr[:, iu[0], iu[1]].mean(1)
+
+
+def _buffers(metric: Cumulative) -> list:
+    """The metric's accumulated tensors as a list (MONAI returns a lone buffer as a tensor, not a list)."""
+    buffers = metric.get_buffer()
+    return [buffers] if isinstance(buffers, torch.Tensor) else list(buffers or [])
+
+
+def _has_data(metric: Cumulative) -> bool:
+    buffers = _buffers(metric)
+    return len(buffers) > 0 and buffers[0] is not None and len(buffers[0]) > 0
+
+
+def _warn_no_labels(name: str) -> None:
+    logger.warning("%s: no batch had class labels ('class_label'), so it reports NaN; give the datalist entries a "
+                   "'findings' list of class names to measure it.", name)  # fmt: skip
+
+
+class _PromptMetric(Cumulative):
+    """Accumulates per-batch tensors; embeds its prompts with ``embed`` when aggregated (with the network as it
+    is then)."""
+
+    def __init__(self, embed: TextEmbedder) -> None:
+        super().__init__()
+        self.embed = embed
+
+    def _data(self) -> list[torch.Tensor]:
+        if not _has_data(self):
+            raise ValueError(f"{type(self).__name__} has nothing to aggregate: call it on batches first.")
+        return _buffers(self)
+
+
+class ZeroShotClassificationMetric(_PromptMetric):
+    """Zero-shot classification AUC: ``metric(y_pred=image_global [B, d], y=labels [B, K])`` per batch, then
+    ``aggregate()`` returns the AUC per class ``[K]`` (``reduction="none"``) or their mean (``"mean"``, default).
+
+    Each class is scored by :func:`zero_shot_scores`: the image's similarity to the mean embedding of the
+    class's positive prompts minus that to its negative prompts (the protocol of GLoRIA and BioViL, with one
+    negative prompt per class as the phantom's reports state absent findings). Chance: 0.5.
+
+    Args:
+        embed: a :data:`TextEmbedder` (the network's projected global text embedding is used).
+        prompts: ``{class: (positive prompts, negative prompts)}`` in the order of the label columns
+            (default :data:`FINDING_PROMPTS`).
+    """
+
+    chance = 0.5
+
+    def __init__(self, embed: TextEmbedder, prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None,
+                 reduction: str = "mean") -> None:  # fmt: skip
+        super().__init__(embed)
+        self.prompts = dict(prompts or FINDING_PROMPTS)
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
+        self.reduction = reduction
+
+    def __call__(self, y_pred: torch.Tensor, y: torch.Tensor | None) -> None:
+        if y is None:  # a dataset without class labels: aggregate() gives NaN
+            return
+        if y.ndim != 2 or y.shape[1] != len(self.prompts):
+            raise ValueError(f"y must be multi-hot labels [B, {len(self.prompts)}] for classes {list(self.prompts)}, "
+                             f"got {None if y is None else tuple(y.shape)}.")  # fmt: skip
+        self.extend(y_pred.detach().float(), y.detach().float())
+
+    def class_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positive [K, d], negative [K, d])``: the mean normalised embedding of each class's prompts."""
+        pos, neg = [], []
+        for positives, negatives in self.prompts.values():
+            pos.append(l2_normalize(self.embed(list(positives))["global"].float()).mean(0))
+            neg.append(l2_normalize(self.embed(list(negatives))["global"].float()).mean(0))
+        return torch.stack(pos), torch.stack(neg)
+
+    def aggregate(self) -> torch.Tensor:
+        if not _has_data(self):
+            _warn_no_labels(type(self).__name__)
+            return torch.full((len(self.prompts),) if self.reduction == "none" else (), float("nan"))
+        image, labels = self._data()
+        pos, neg = self.class_embeddings()
+        auc = zero_shot_auc(zero_shot_scores(image, pos.to(image.device), neg.to(image.device)), labels)
+        return auc if self.reduction == "none" else auc.nanmean()
+
+
+class ClassAwareRetrievalMetric(Cumulative):
+    """Precision@K of image-to-report retrieval counting every report with the same class set as a hit
+    (:func:`class_precision_at_k`): ``metric(image [B, d], text [B, d], labels [B, K])`` or, for MONAI's
+    :class:`~monai.handlers.IgniteMetricHandler`, ``metric(y_pred=(image, text), y=labels)``.
+
+    ``aggregate()`` returns the precision; :meth:`chance` the expected precision of a random ranking of the
+    same data (:func:`class_precision_chance`)."""
+
+    def __init__(self, k: int = 10) -> None:
+        super().__init__()
+        self.k = k
+
+    def __call__(self, y_pred, y: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
+        if isinstance(y_pred, (tuple, list)):
+            (image, text), labels = y_pred, y
+        else:
+            image, text = y_pred, y
+        if labels is None:  # a dataset without class labels: aggregate() gives NaN
+            return
+        self.extend(image.detach().float(), text.detach().float(), labels.detach().float())
+
+    def _data(self) -> list[torch.Tensor]:
+        if not _has_data(self):
+            raise ValueError("ClassAwareRetrievalMetric has no embeddings: call it on batches first.")
+        return _buffers(self)
+
+    def aggregate(self) -> torch.Tensor:
+        if not _has_data(self):
+            _warn_no_labels(type(self).__name__)
+            return torch.tensor(float("nan"))
+        image, text, labels = self._data()
+        return class_precision_at_k(image, text, labels, min(self.k, len(image)))
+
+    def chance(self) -> float:
+        return float(class_precision_chance(self._data()[2])) if _has_data(self) else float("nan")
+
+
+class PhraseSensitivityMetric(_PromptMetric):
+    """Do grounding maps depend on the phrase? ``metric(y_pred=image_local [B, N, d])`` per batch (projected
+    regions), then ``aggregate()``: the mean :func:`map_correlation` over images of the region-similarity maps of
+    ``phrases`` (1: the map ignores the phrase; lower is better).
+
+    Whether a side-specific phrase peaks on its side is measured on the grounding rows, where the finding is
+    present (:func:`~monai_elvis.metrics.peak_side`).
+
+    Args:
+        embed: a :data:`TextEmbedder` (the projected first-sentence embedding is used, as the grounding
+            inferer does).
+        phrases: ``(phrase, side)`` pairs, side ``"left"``, ``"right"`` or ``""`` (default :data:`SIDE_PHRASES`).
+    """
+
+    chance = 1.0  # a map that ignores the phrase
+
+    def __init__(self, embed: TextEmbedder, phrases: Sequence[tuple[str, str]] = SIDE_PHRASES) -> None:
+        super().__init__(embed)
+        self.phrases = [(str(p), str(s)) for p, s in phrases]
+        if len(self.phrases) < 2:
+            raise ValueError("PhraseSensitivityMetric needs at least 2 phrases.")
+        bad = [s for _, s in self.phrases if s not in ("left", "right", "")]
+        if bad:
+            raise ValueError(f"phrase sides must be 'left', 'right' or '', got {bad}.")
+
+    def __call__(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        check_ndim(y_pred, "y_pred", 3, "[B, N, d]")
+        self.extend(y_pred.detach().float())
+
+    def maps(self) -> torch.Tensor:
+        """``[B, P, N]`` cosine similarity of every accumulated image's regions to every phrase."""
+        (regions,) = self._data()
+        text = l2_normalize(self.embed([p for p, _ in self.phrases])["sentence"].float()).to(regions.device)
+        return torch.einsum("bnd,pd->bpn", l2_normalize(regions), text)
+
+    def aggregate(self) -> torch.Tensor:
+        return map_correlation(self.maps()).mean()
