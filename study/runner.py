@@ -178,8 +178,9 @@ class StudyRunner:
         parser.read_config(_bundle("elvis_pretrain", "train.json") + self._scale_files())
         if self.cfg.image_size:
             parser.update({"image_size": self.cfg.image_size})
-        return {"ckpt_dir": str(root / "models"), "image_arch": parser["image_arch"],
-                "image_widen_factor": parser["image_widen_factor"], "embed_dim": parser["embed_dim"],
+        arch = {k: parser[k] for k in ("image_arch", "image_widen_factor", "image_output_stride", "embed_dim",
+                                       "shared_projection", "projection_layers", "text_global_pooling")}  # fmt: skip
+        return {"ckpt_dir": str(root / "models"), **arch,
                 "image_size": parser.get_parsed_content("image_size"), "dataset_dir": str(Path(self.cfg.dataset_dir).resolve())}  # fmt: skip
 
     def grounding(self, objective: str, seed: int, root: Path) -> dict:

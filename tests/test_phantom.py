@@ -162,3 +162,64 @@ def test_other_ct_and_bad_files(anatomy, tmp_path):
     with pytest.raises(AnatomyError, match="no voxel of"):
         PhantomAnatomy.from_files(tmp_path / "ct.nii.gz", tmp_path / "empty.nii.gz", structures)
     assert main(["--out", str(tmp_path / "x"), "--ct", str(broken), "--labels", str(labels)]) == 2
+
+
+@pytest.mark.parametrize("kind", ["nodule", "opacity", "pneumothorax", "atelectasis"])
+def test_difficulty_changes_the_measured_contrast_as_it_says(anatomy, kind):
+    """The easy phantom's lesions stand out more from their surroundings than the realistic ones (an air lesion
+    is darker: its contrast is more negative)."""
+    from monai_elvis.data.phantom import lesion_contrast
+
+    def median_contrast(difficulty):
+        gen = PhantomGenerator(anatomy, size=128, seed=5, normal_fraction=0.0, max_findings=1, finding_types=[kind],
+                               difficulty=difficulty)  # fmt: skip
+        return float(np.nanmedian([lesion_contrast(s.image, s.masks[0]) for s in (gen(i) for i in range(8))]))
+
+    easy, realistic = median_contrast("easy"), median_contrast("realistic")
+    sign = -1 if kind == "pneumothorax" else 1
+    assert sign * easy > sign * realistic + 0.2, (easy, realistic)
+    assert sign * easy > 0.3
+
+
+def test_lesion_contrast_by_hand():
+    from monai_elvis.data.phantom import lesion_contrast
+
+    image = np.zeros((9, 9), np.float32)
+    image[::2, :] = 1.0  # the surroundings alternate 0 / 1 by row: mean 0.5, std 0.5
+    mask = np.zeros((9, 9), bool)
+    mask[4, 4] = True
+    image[4, 4] = 2.0
+    # ring of one pixel: the 4-neighbours (cross dilation): rows 3 and 5 are 0, columns of row 4 are 1 -> mean 0.5
+    assert lesion_contrast(image, mask, ring=1) == pytest.approx((2.0 - 0.5) / 0.5)
+    assert np.isnan(lesion_contrast(image, np.zeros_like(mask)))
+
+
+def test_framing_fills_the_image_with_the_lungs(anatomy):
+    from monai_elvis.data.phantom import RenderSettings
+    from monai_elvis.data.phantom.anatomy import LOBES
+
+    def lung_share(framing):
+        gen = PhantomGenerator(anatomy, size=64, seed=0, normal_fraction=1.0, augment=False,
+                               settings=RenderSettings(framing=framing))  # fmt: skip
+        lungs = np.zeros(anatomy.base_projection.shape, bool)
+        for name in LOBES:
+            lungs |= anatomy.structure_projection(name)
+        from monai_elvis.data.phantom import render
+
+        _, warped = render(anatomy, [], [lungs], 64, np.random.default_rng(0), gen.settings, augment=False)
+        return warped[0].mean()
+
+    assert lung_share("thorax") > 1.5 * lung_share("full")
+    assert lung_share("thorax") > 0.45
+
+
+def test_prepare_phantom_refuses_a_folder_made_with_other_settings(tmp_path):
+    from monai_elvis.data.phantom import prepare_phantom
+
+    (tmp_path / "datalist.json").write_text("{}")
+    (tmp_path / "phantom.json").write_text(json.dumps({"settings": {"size": 64, "seed": 0, "difficulty": "realistic",
+                                                                    "render": {"framing": "thorax"}},
+                                                       "studies": [{}] * 10}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"difficulty 'realistic' \(wanted 'easy'\).*Delete"):
+        prepare_phantom(tmp_path, num=10, size=64)
+    assert prepare_phantom(tmp_path, num=10, size=64, difficulty="realistic") == {"existing": True}

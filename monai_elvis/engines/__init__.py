@@ -2,7 +2,14 @@
 ``SupervisedEvaluator``): batch preparation, the loss adapter, handlers (including the grounding writer and per-category report) and
 preparation helpers."""
 
-from monai_elvis.engines.evaluation import ChanceLevelHandler, MetricsHistoryHandler, PromptEncoder, learning_curve_table
+from monai_elvis.engines.evaluation import (
+    LEARNING_FIGURES,
+    ChanceLevelHandler,
+    MetricsHistoryHandler,
+    PromptEncoder,
+    learning_curve_table,
+    summarize_metrics,
+)
 from monai_elvis.engines.grounding import GroundingReportHandler, GroundingWriter, heat_colormap, phrase_slug
 from monai_elvis.engines.vlp import (
     GradientClipHandler,
@@ -21,5 +28,6 @@ __all__ = [
     "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
     "latest_checkpoint", "prepare_grounding_batch", "prepare_vlp_batch", "save_text_model",
     "GroundingReportHandler", "GroundingWriter", "heat_colormap", "phrase_slug",
-    "ChanceLevelHandler", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table",
+    "ChanceLevelHandler", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",
+    "LEARNING_FIGURES",
 ]  # fmt: skip

@@ -15,7 +15,21 @@ from torch import nn
 
 from monai_elvis.keys import Keys, OutKeys
 
-__all__ = ["PromptEncoder", "ChanceLevelHandler", "MetricsHistoryHandler", "learning_curve_table"]
+__all__ = ["PromptEncoder", "ChanceLevelHandler", "MetricsHistoryHandler", "learning_curve_table", "summarize_metrics",
+           "LEARNING_FIGURES"]
+
+# metric name -> (what it is, goal on the default phantom run); the figures the pre-training run summarises
+LEARNING_FIGURES: dict[str, tuple[str, str]] = {
+    "val_zero_shot_auc": ("zero-shot AUC, mean over finding kinds", ">= 0.85"),
+    "val_grounding_pointing": ("grounding pointing game", ">= 0.6"),
+    "val_grounding_cnr": ("grounding CNR", ">= 1.5"),
+    "val_grounding_side": ("grounding peak on the finding's side", ">= 0.9"),
+    "val_map_correlation": ("map correlation between different phrases", "<= 0.5"),
+    "val_precision_at_10": ("class-aware retrieval precision@10", ""),
+    "val_recall_at_10": ("exact-pair retrieval recall@10", ""),
+    "val_locality": ("locality preservation", ""),
+    "val_grounding_miou": ("grounding mIoU", ""),
+}
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +167,28 @@ def learning_curve_table(history: str | os.PathLike, columns: Mapping[str, str],
     if goals:
         rows.append("| goal | " + " | ".join(goals.get(k, "") for k in columns) + " |")
     return "\n".join(rows)
+
+
+def summarize_metrics(metrics_json: str | os.PathLike, figures: Mapping[str, tuple[str, str]] | None = None,
+                      log: bool = True) -> str:  # fmt: skip
+    """A plain-text table of the figures of a ``metrics.json`` (written by
+    :class:`~monai_elvis.engines.MetricsJSONHandler`) beside their chance levels and goals; logged when ``log``.
+
+    ``figures``: ``{metric name: (description, goal)}``, default :data:`LEARNING_FIGURES`. Figures the file
+    lacks are left out."""
+    record = json.loads(Path(metrics_json).read_text())
+    metrics = record.get("metrics", {})
+    rows = [("figure", "value", "chance", "goal")]
+    for key, (what, goal) in (figures or LEARNING_FIGURES).items():
+        if key not in metrics:
+            continue
+        value, chance = metrics[key], metrics.get(f"{key}_chance")
+        if isinstance(value, dict):
+            value = sum(v for v in value.values() if v is not None) / max(1, sum(v is not None for v in value.values()))
+        rows.append((what, "n/a" if value is None else f"{value:.3f}", "" if chance is None else f"{chance:.3f}", goal))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    text = f"summary of {metrics_json} (epoch {record.get('epoch')}):\n" + "\n".join(lines)
+    if log:
+        logger.info(text)
+    return text

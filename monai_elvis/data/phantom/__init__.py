@@ -6,7 +6,7 @@
 
 from monai_elvis.data.phantom.anatomy import AnatomyError, PhantomAnatomy, default_ct_files
 from monai_elvis.data.phantom.findings import DIFFICULTIES, FINDING_TYPES, Difficulty, Finding, FindingSettings, sample_finding
-from monai_elvis.data.phantom.generator import PhantomGenerator, PhantomStudy
+from monai_elvis.data.phantom.generator import PhantomGenerator, PhantomStudy, lesion_contrast
 from monai_elvis.data.phantom.render import Framing, RenderSettings, render
 from monai_elvis.data.phantom.reports import MS_CXR_CATEGORY, compose_report
 from monai_elvis.data.phantom.writer import MS_CXR_COLUMNS, draw_contact_sheet, write_phantom
@@ -14,7 +14,7 @@ from monai_elvis.data.phantom.writer import MS_CXR_COLUMNS, draw_contact_sheet, 
 __all__ = [
     "AnatomyError", "PhantomAnatomy", "default_ct_files", "FINDING_TYPES", "Finding", "FindingSettings", "Difficulty",
     "DIFFICULTIES", "Framing", "sample_finding",
-    "PhantomGenerator", "PhantomStudy", "RenderSettings", "render", "MS_CXR_CATEGORY", "compose_report",
+    "PhantomGenerator", "PhantomStudy", "lesion_contrast", "RenderSettings", "render", "MS_CXR_CATEGORY", "compose_report",
     "MS_CXR_COLUMNS", "draw_contact_sheet", "write_phantom", "prepare_phantom",
 ]  # fmt: skip
 

@@ -14,7 +14,21 @@ from monai_elvis.data.phantom.render import RenderSettings, render
 from monai_elvis.data.phantom.reports import MS_CXR_CATEGORY, compose_report
 from monai_elvis.transforms.labels import MaskToBoxes
 
-__all__ = ["PhantomGenerator", "PhantomStudy"]
+__all__ = ["PhantomGenerator", "PhantomStudy", "lesion_contrast"]
+
+
+def lesion_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 6) -> float:
+    """How far a lesion stands out: ``(mean inside - mean of the ring around it) / std of the ring``, the ring
+    being the pixels within ``ring`` pixels of ``mask`` (by dilation) outside it. Signed: an air lesion (a
+    pneumothorax) is negative. ``image`` and ``mask`` ``[H, W]``; NaN for an empty mask or ring."""
+    from scipy.ndimage import binary_dilation
+
+    mask = np.asarray(mask, bool)
+    around = binary_dilation(mask, iterations=ring) & ~mask
+    if not mask.any() or around.sum() < 2:
+        return float("nan")
+    outside = image[around]
+    return float((image[mask].mean() - outside.mean()) / max(float(outside.std()), 1e-6))
 
 
 @dataclass

@@ -144,35 +144,54 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
+CONTACT_SHEET_COLOURS = {
+    "nodule": (255, 80, 80), "opacity": (255, 200, 0), "effusion": (80, 160, 255), "pneumothorax": (0, 230, 120),
+    "cardiomegaly": (230, 80, 230), "atelectasis": (255, 140, 40),
+}  # fmt: skip
+
+
 def draw_contact_sheet(data_dir: str | os.PathLike, out_png: str | os.PathLike, n: int = 16, columns: int = 4,
-                       tile: int = 256) -> Path:
-    """A PNG of ``n`` studies of a phantom folder: each image with its finding boxes and its report."""
+                       tile: int = 256) -> Path:  # fmt: skip
+    """A PNG of ``n`` studies of a phantom folder: each image with its finding boxes, coloured by kind (a legend
+    heads the sheet), and under it the report's sentence for each finding in the same colour, wrapped in full."""
     data_dir, out_png = Path(data_dir), Path(out_png)
     meta = json.loads((data_dir / "phantom.json").read_text())
     studies = meta["studies"][:n]
-    colours = {"nodule": (255, 80, 80), "opacity": (255, 200, 0), "effusion": (80, 160, 255),
-               "pneumothorax": (0, 230, 120), "cardiomegaly": (230, 80, 230), "atelectasis": (255, 140, 40)}  # fmt: skip
-    font = _font(11)
-    text_h = 120
+    colours = CONTACT_SHEET_COLOURS
+    font, line_h, chars = _font(11), 13, max(20, tile // 6)
+    captions = []
+    for s in studies:
+        lines = [(f"{s['id']} ({s['split']})", (235, 235, 235))]
+        for f in s["findings"]:
+            colour = colours.get(f["kind"], (255, 255, 255))
+            lines += [(("- " if j == 0 else "  ") + part, colour) for j, part in enumerate(_wrap(f["sentence"], chars - 2))]
+        if not s["findings"]:
+            lines.append(("no finding", (160, 160, 160)))
+        captions.append(lines)
+    text_h = line_h * max(len(c) for c in captions) + 6
+    legend_h = 24
     rows = (len(studies) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * (tile + 8) + 8, rows * (tile + text_h + 8) + 8), (24, 24, 24))
+    sheet = Image.new("RGB", (columns * (tile + 8) + 8, legend_h + rows * (tile + text_h + 8) + 8), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
-    for k, s in enumerate(studies):
+    x = 8
+    for kind, colour in colours.items():
+        draw.rectangle([x, 8, x + 12, 20], outline=colour, width=2)
+        draw.text((x + 16, 7), kind, fill=(235, 235, 235), font=font)
+        x += 22 + int(draw.textlength(kind, font=font)) + 12
+    for k, (s, lines) in enumerate(zip(studies, captions)):
         ox = 8 + (k % columns) * (tile + 8)
-        oy = 8 + (k // columns) * (tile + text_h + 8)
+        oy = legend_h + 8 + (k // columns) * (tile + text_h + 8)
         img = np.asarray(Image.open(data_dir / s["files"]["image"]), dtype=np.float32) / 65535.0
         size = img.shape[0]
         rgb = Image.fromarray((img * 255).astype(np.uint8)).convert("RGB").resize((tile, tile))
         sheet.paste(rgb, (ox, oy))
         scale = tile / size
         for f in s["findings"]:
-            for x, y, w, h in f["boxes"]:
-                draw.rectangle([ox + x * scale, oy + y * scale, ox + (x + w) * scale, oy + (y + h) * scale],
+            for bx, by, bw, bh in f["boxes"]:
+                draw.rectangle([ox + bx * scale, oy + by * scale, ox + (bx + bw) * scale, oy + (by + bh) * scale],
                                outline=colours.get(f["kind"], (255, 255, 255)), width=2)  # fmt: skip
-        report = s["report"].replace("FINDINGS: ", "").replace("\nIMPRESSION: ", " | ").strip()
-        lines = [f"{s['id']} ({s['split']})"] + _wrap(report, 44)
-        for j, line in enumerate(lines[:9]):
-            draw.text((ox, oy + tile + 2 + 13 * j), line, fill=(235, 235, 235), font=font)
+        for j, (line, colour) in enumerate(lines):
+            draw.text((ox, oy + tile + 3 + line_h * j), line, fill=colour, font=font)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out_png)
     return out_png
