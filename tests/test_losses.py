@@ -53,6 +53,39 @@ def test_global_learnable_temperature_gets_gradient_and_is_clamped():
     assert loss_fn2.log_logit_scale.grad is not None and loss_fn2.log_logit_scale.grad.abs() > 0
 
 
+def test_learnable_temperature_past_its_bound_still_gets_gradient_and_is_clamped_by_value():
+    """The bound is on the parameter's value (clamped after a step), not in the forward pass: an overshoot past the
+    bound keeps a non-zero gradient (a forward clamp made it exactly 0, so the temperature could stick)."""
+    loss_fn = GlobalContrastiveLoss(temperature=0.1, learnable_temperature=True, max_logit_scale=5.0)
+    assert loss_fn.temperature == pytest.approx(0.2)  # the initial value is clamped
+    with torch.no_grad():
+        loss_fn.log_logit_scale.fill_(math.log(20.0))  # as if an optimizer step overshot the bound
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=g)
+    loss_fn(x, torch.randn(4, 8, generator=g)).backward()
+    assert loss_fn.log_logit_scale.grad.abs() > 1e-6
+    loss_fn.clamp_parameters_()
+    assert loss_fn.temperature == pytest.approx(0.2)
+
+
+def test_clamp_parameters_handler_clamps_after_optimizer_steps_only():
+    from types import SimpleNamespace
+
+    from monai_elvis.engines import ClampParametersHandler, ObjectiveLoss
+
+    objective = ElvisLoss(GlobalContrastiveLoss(0.1, learnable_temperature=True, max_logit_scale=5.0))
+    engine = SimpleNamespace(loss_function=ObjectiveLoss(objective), network=torch.nn.Linear(2, 2),
+                             accumulation_steps=2, state=SimpleNamespace(iteration=1, epoch_length=4))  # fmt: skip
+    param = objective.global_loss.log_logit_scale
+    with torch.no_grad():
+        param.fill_(math.log(20.0))
+    ClampParametersHandler()(engine)  # iteration 1 of an accumulation window of 2: no optimizer step yet
+    assert param.item() == pytest.approx(math.log(20.0))
+    engine.state.iteration = 2
+    ClampParametersHandler()(engine)
+    assert param.item() == pytest.approx(math.log(5.0))
+
+
 # ---------------------------------------------------------------- local: hand-computed
 V = T([[[1.0, 0.0], [0.0, 1.0]]])  # [1, 2, 2] regions
 V_ATT = T([[[1.0, 0.0], [0.6, 0.8]]])  # cos(V, V_ATT) = [[1, .6], [0, .8]] -> /0.5 = [[2, 1.2], [0, 1.6]]

@@ -20,7 +20,8 @@ from monai_elvis.keys import Keys
 from monai_elvis.losses import ElvisLoss
 
 __all__ = [
-    "prepare_vlp_batch", "prepare_grounding_batch", "ObjectiveLoss", "GradientClipHandler", "MetricsJSONHandler", "from_pred",
+    "prepare_vlp_batch", "prepare_grounding_batch", "ObjectiveLoss", "GradientClipHandler", "ClampParametersHandler",
+    "MetricsJSONHandler", "from_pred",
     "latest_checkpoint", "ensure_tokenizer", "save_text_model", "attach_resume",
 ]  # fmt: skip
 
@@ -105,6 +106,31 @@ class GradientClipHandler:
         if getattr(engine, "amp", False) and scaler is not None:
             scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+class ClampParametersHandler:
+    """Keep bounded parameters in range after each optimizer step, as CLIP clamps its logit scale.
+
+    Calls ``clamp_parameters_()`` of every sub-module of ``engine.loss_function`` and ``engine.network`` that has
+    one (for example the learnable temperature of :class:`~monai_elvis.losses.GlobalContrastiveLoss`), on
+    ``IterationEvents.MODEL_COMPLETED``, which MONAI's trainer fires after the optimizer step; with gradient
+    accumulation only on the iterations that step. Clamping the value (not the forward pass) keeps the gradient
+    alive at the bound.
+    """
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if not GradientClipHandler.steps_now(engine):
+            return
+        for root in (getattr(engine, "loss_function", None), getattr(engine, "network", None)):
+            if not isinstance(root, nn.Module):
+                continue
+            for module in root.modules():
+                clamp = getattr(module, "clamp_parameters_", None)
+                if callable(clamp):
+                    clamp()
 
 
 class MetricsJSONHandler:
