@@ -194,6 +194,19 @@ def test_spatial_loss_matches_explicit_sum_and_uses_identity_for_sentences():
         loss(v[:, :8], va[:, :8], t, ta)
 
 
+def test_spatial_prior_follows_settings_changed_after_a_call():
+    torch.manual_seed(7)
+    v, va = torch.randn(2, 9, 4), torch.randn(2, 9, 4)
+    t, ta = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    loss = LocalAlignmentLoss("spatial", temperature=0.3, spatial_threshold=0.3)
+    first = loss(v, va, t, ta)
+    loss.spatial_threshold, loss.spatial_smoothing = 0.5, 2.0  # diagonal neighbours now count, weighted differently
+    changed = loss(v, va, t, ta)
+    fresh = LocalAlignmentLoss("spatial", temperature=0.3, spatial_threshold=0.5, spatial_smoothing=2.0)(v, va, t, ta)
+    assert changed.item() == pytest.approx(fresh.item(), abs=1e-7)
+    assert abs(changed.item() - first.item()) > 1e-4
+
+
 def test_local_unit_weights_are_normalised_per_sample():
     torch.manual_seed(2)
     args = [torch.randn(1, 4, 3), torch.randn(1, 4, 3), torch.randn(1, 2, 3), torch.randn(1, 2, 3)]

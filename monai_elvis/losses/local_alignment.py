@@ -128,7 +128,8 @@ class LocalAlignmentLoss(_Loss):
         h, w = int(grid_size[0]), int(grid_size[1])
         if h * w != n:
             raise ValueError(f"grid_size {(h, w)} does not match N={n} regions of image_local.")
-        key = (h, w, str(device))
+        # every setting the prior depends on is in the key: changing a setting after a call takes effect
+        key = (h, w, str(device), float(self.spatial_threshold), float(self.spatial_smoothing))
         if key not in self._spatial_cache:
             self._spatial_cache[key] = spatial_target((h, w), self.spatial_threshold, self.spatial_smoothing).to(device)
         return self._spatial_cache[key]
