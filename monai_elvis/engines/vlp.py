@@ -42,12 +42,14 @@ def prepare_grounding_batch(batchdata: Mapping[str, Any], device: str | torch.de
 def prepare_vlp_batch(batchdata: Mapping[str, Any], device: str | torch.device | None = None,
                       non_blocking: bool = False, **kwargs: Any):  # fmt: skip
     """``prepare_batch`` for MONAI engines: ``(image, None, (), {input_ids, attention_mask, sentence_index})``,
-    so that the inferer calls ``network(image, input_ids=..., attention_mask=..., sentence_index=...)``."""
+    so that the inferer calls ``network(image, input_ids=..., attention_mask=..., sentence_index=...)``; a batch
+    with ``word_index`` (``TokenizeReportd(word_index=True)``) passes it too."""
     missing = [k for k in (Keys.IMAGE, *TEXT_KEYS) if k not in batchdata]
     if missing:
         raise KeyError(f"an image-report batch needs {missing}; it has {sorted(batchdata)}.")
     image = torch.as_tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking, **kwargs)
-    text = {k: torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking) for k in TEXT_KEYS}
+    keys = TEXT_KEYS + ((Keys.WORD_INDEX,) if Keys.WORD_INDEX in batchdata else ())
+    text = {k: torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking) for k in keys}
     return image, None, (), text
 
 

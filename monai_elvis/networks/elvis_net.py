@@ -27,7 +27,10 @@ class ElvisNet(nn.Module):
     ``forward(image [B, c, H, W], input_ids [B, L], attention_mask [B, L], sentence_index [B, L])`` returns a dict
     keyed by :class:`~monai_elvis.keys.OutKeys`: pre- and post-projection global and local features of both
     modalities, the token and sentence masks, the region grid size and the cross-attended features
-    ``v'_i`` (regions attending to sentences) and ``t'_k`` (sentences attending to regions).
+    ``v'_i`` (regions attending to sentences) and ``t'_k`` (sentences attending to regions). With the optional
+    ``word_index [B, L]`` it also returns whole words (GLoRIA's): ``text_word_pre`` (token features summed per
+    word, :func:`~monai_elvis.networks.text_encoder.pool_words`), ``text_word`` (projected by the local text
+    head) and ``word_mask``.
     """
 
     def __init__(
@@ -66,11 +69,19 @@ class ElvisNet(nn.Module):
         }
 
     def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sentence_index: torch.Tensor,
+        word_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Text half of :meth:`forward`: token, sentence and global features, before and after projection."""
-        t = self.text_encoder(input_ids, attention_mask, sentence_index)
-        return {
+        """Text half of :meth:`forward`: token, sentence, global (and whole-word) features, before and after
+        projection."""
+        if word_index is None:
+            t = self.text_encoder(input_ids, attention_mask, sentence_index)
+        else:
+            t = self.text_encoder(input_ids, attention_mask, sentence_index, word_index=word_index)
+        out = {
             OutKeys.TEXT_TOKEN_PRE: t["token"],
             OutKeys.TEXT_SENTENCE_PRE: t["sentence"],
             OutKeys.TEXT_GLOBAL_PRE: t["global"],
@@ -80,6 +91,11 @@ class ElvisNet(nn.Module):
             OutKeys.TOKEN_MASK: t["token_mask"],
             OutKeys.SENTENCE_MASK: t["sentence_mask"],
         }
+        if "word" in t:
+            out[OutKeys.TEXT_WORD_PRE] = t["word"]
+            out[OutKeys.TEXT_WORD] = self.text_local_head(t["word"])
+            out[OutKeys.WORD_MASK] = t["word_mask"]
+        return out
 
     def forward(
         self,
@@ -87,13 +103,14 @@ class ElvisNet(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         sentence_index: torch.Tensor,
+        word_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         if image.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"image {tuple(image.shape)} and input_ids {tuple(input_ids.shape)} have different batch sizes."
             )
         out = self.encode_image(image)
-        out.update(self.encode_text(input_ids, attention_mask, sentence_index))
+        out.update(self.encode_text(input_ids, attention_mask, sentence_index, word_index))
         out[OutKeys.IMAGE_LOCAL_ATTENDED], _ = self.attention(
             out[OutKeys.IMAGE_LOCAL], out[OutKeys.TEXT_SENTENCE], out[OutKeys.SENTENCE_MASK]
         )
