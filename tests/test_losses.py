@@ -252,8 +252,11 @@ def _with_padding(fill: float | None, seed: int):
 @pytest.mark.parametrize(
     "local",
     [LocalAlignmentLoss("one_hot"), LocalAlignmentLoss("spatial"), LocalAlignmentLoss("intra_modal"),
-     LocalAlignmentLoss("intra_modal", target_source="projected"), GloriaLocalLoss()],
-    ids=["one_hot", "spatial", "intra_modal", "intra_modal_projected", "gloria"],
+     LocalAlignmentLoss("intra_modal", target_source="projected"), GloriaLocalLoss(),
+     LocalAlignmentLoss("spatial", directions="both"), LocalAlignmentLoss("intra_modal", directions="both"),
+     GloriaLocalLoss(form="code")],
+    ids=["one_hot", "spatial", "intra_modal", "intra_modal_projected", "gloria", "lovt", "intra_modal_both",
+         "gloria_code"],
 )
 def test_padded_features_change_neither_loss_nor_gradients(local):
     loss_fn = ElvisLoss(local_loss=local)
@@ -279,7 +282,8 @@ def test_padded_features_change_neither_loss_nor_gradients(local):
 
 
 # ---------------------------------------------------------------- permutation invariance
-@pytest.mark.parametrize("local", [None, LocalAlignmentLoss("intra_modal"), LocalAlignmentLoss("spatial"), GloriaLocalLoss()])
+@pytest.mark.parametrize("local", [None, LocalAlignmentLoss("intra_modal"), LocalAlignmentLoss("spatial"), GloriaLocalLoss(),
+                                   LocalAlignmentLoss("spatial", directions="both"), GloriaLocalLoss(form="code")])
 def test_global_and_total_losses_are_invariant_to_batch_permutation(local):
     x = _with_padding(None, 0)
     perm = torch.tensor([2, 0, 1])
@@ -357,7 +361,8 @@ def test_finite_under_bfloat16_autocast_with_large_features():
     raw[OutKeys.TEXT_GLOBAL] = torch.randn(b, d)
     smask = torch.ones(b, s, dtype=torch.bool)
     smask[0, 3:] = False
-    for local in (LocalAlignmentLoss("intra_modal"), LocalAlignmentLoss("spatial"), GloriaLocalLoss()):
+    for local in (LocalAlignmentLoss("intra_modal"), LocalAlignmentLoss("spatial"), GloriaLocalLoss(),
+                  LocalAlignmentLoss("spatial", directions="both"), GloriaLocalLoss(form="code")):
         lin.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             x = {k: lin(v) * 100 for k, v in raw.items()}
@@ -392,6 +397,19 @@ def test_bad_input_errors_name_tensor_and_shape():
         GloriaLocalLoss()(t, v, T([[False] * 3, [True] * 3]))
     with pytest.raises(ValueError, match="target must be one of"):
         LocalAlignmentLoss("cosine")
+    with pytest.raises(ValueError, match=r"directions must be one of \('local_to_attended', 'both'\), got 'all'"):
+        LocalAlignmentLoss(directions="all")
+    with pytest.raises(ValueError, match="unit_weights must be one of"):
+        LocalAlignmentLoss(unit_weights="pooling")
+    with pytest.raises(ValueError, match=r"form must be one of \('paper', 'code'\), got 'released'"):
+        GloriaLocalLoss(form="released")
+    with pytest.raises(ValueError, match="word_units must be one of"):
+        GloriaLocalLoss(word_units="words")
+    x = _with_padding(None, 0)
+    with pytest.raises(KeyError, match="text_word.*word_index=True"):
+        ElvisLoss(local_loss=GloriaLocalLoss(word_units="whole_word"))(x)
+    with pytest.raises(KeyError, match="image_local_weights.*attention_pooling"):
+        ElvisLoss(local_loss=LocalAlignmentLoss("one_hot", unit_weights="attention_pooling"))(x)
     with pytest.raises(KeyError, match="image_global"):
         ElvisLoss()({})
     with pytest.raises(ValueError, match="no term"):
@@ -405,7 +423,28 @@ def test_gloria_chunking_does_not_change_the_result():
     words, regions = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
     mask = torch.rand(4, 6) > 0.3
     mask[:, 0] = True
-    whole = gloria_pair_similarity(words, regions, mask)
-    for max_elements in (1, 13, 50):
-        assert torch.allclose(gloria_pair_similarity(words, regions, mask, max_pair_elements=max_elements), whole)
-    assert whole.shape == (3, 4)
+    for form in ("paper", "code"):
+        whole = gloria_pair_similarity(words, regions, mask, form=form)
+        for max_elements in (1, 13, 50):
+            chunked = gloria_pair_similarity(words, regions, mask, max_pair_elements=max_elements, form=form)
+            assert torch.allclose(chunked, whole)
+        assert whole.shape == (3, 4)
+
+
+def test_elvis_loss_passes_detached_attention_pooling_weights_and_reports_every_direction():
+    x = _with_padding(None, 0)
+    b, n, s = 3, 4, 5
+    x[OutKeys.IMAGE_LOCAL_WEIGHTS] = torch.rand(b, n, requires_grad=True)
+    x[OutKeys.TEXT_SENTENCE_WEIGHTS] = torch.rand(b, s, requires_grad=True)
+    local = LocalAlignmentLoss("spatial", directions="both", unit_weights="attention_pooling")
+    terms = ElvisLoss(local_loss=local)(x)
+    expected = local.losses(x[OutKeys.IMAGE_LOCAL], x[OutKeys.IMAGE_LOCAL_ATTENDED], x[OutKeys.TEXT_SENTENCE],
+                            x[OutKeys.TEXT_SENTENCE_ATTENDED], x[OutKeys.SENTENCE_MASK],
+                            region_weights=x[OutKeys.IMAGE_LOCAL_WEIGHTS], sentence_weights=x[OutKeys.TEXT_SENTENCE_WEIGHTS],
+                            grid_size=(2, 2))  # fmt: skip
+    for k, v in expected.items():
+        assert terms[f"local_{k}"].item() == pytest.approx(v.item(), abs=1e-6), k
+    uniform = ElvisLoss(local_loss=LocalAlignmentLoss("spatial", directions="both"))(x)
+    assert abs(uniform["local"].item() - terms["local"].item()) > 1e-4
+    terms["loss"].backward()
+    assert x[OutKeys.IMAGE_LOCAL_WEIGHTS].grad is None  # stop-gradient, as LoVT

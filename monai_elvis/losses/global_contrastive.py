@@ -35,7 +35,8 @@ class GlobalContrastiveLoss(_Loss):
         text_to_image_weight: weight of the report -> image direction.
         max_logit_scale: upper bound of ``1 / temperature`` when learnable (the initial value is clamped too).
 
-    Shapes: ``image [B, d]``, ``text [B, d]`` -> scalar. Computed in float32 (also under autocast).
+    Shapes: ``image [B, d]``, ``text [B, d]`` -> scalar. Computed in float32 (float64 stays float64), also under
+    autocast.
     """
 
     def __init__(
@@ -82,9 +83,10 @@ class GlobalContrastiveLoss(_Loss):
         b = check_batch([("image", image), ("text", text)])
         if image.shape[1] != text.shape[1]:
             raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} differ in embedding size.")
+        dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=image.device.type, enabled=False):
-            v = l2_normalize(image.float(), dim=-1)
-            t = l2_normalize(text.float(), dim=-1)
+            v = l2_normalize(image.to(dtype), dim=-1)
+            t = l2_normalize(text.to(dtype), dim=-1)
             logits = v @ t.T * self.logit_scale()
             target = torch.arange(b, device=image.device)
             loss = self.image_to_text_weight * F.cross_entropy(logits, target)
