@@ -11,7 +11,7 @@ import torch
 
 E = TypeVar("E", bound=Enum)
 
-__all__ = ["check_ndim", "check_batch", "check_mask", "check_option", "zero_padding", "l2_normalize"]
+__all__ = ["check_ndim", "check_batch", "check_mask", "check_option", "plain_tensor", "zero_padding", "l2_normalize"]
 
 
 def check_ndim(tensor: torch.Tensor, name: str, ndim: int, layout: str) -> None:
@@ -57,6 +57,12 @@ def check_option(value: object, options: type[E], name: str) -> E:
     except ValueError:
         choices = tuple(o.value for o in options)
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.") from None
+
+
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a plain ``torch.Tensor`` (a MONAI ``MetaTensor`` unwrapped, sharing data and autograd history), so
+    that slicing it along the batch does not go through per-item metadata."""
+    return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
 
 
 def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

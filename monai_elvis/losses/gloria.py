@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from monai.utils import StrEnum
 from torch.nn.modules.loss import _Loss
 
-from monai_elvis.utils import check_batch, check_mask, check_ndim, check_option, zero_padding
+from monai_elvis.utils import check_batch, check_mask, check_ndim, check_option, plain_tensor, zero_padding
 
 __all__ = ["GloriaForm", "WordUnit", "GloriaLocalLoss", "gloria_pair_similarity"]
 
@@ -40,11 +40,6 @@ class WordUnit(StrEnum):
 
     TOKEN = "token"
     WHOLE_WORD = "whole_word"
-
-
-def _softmax_grad(grad: torch.Tensor, out: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gradient through ``out = softmax(x, dim)``: ``out * (grad - sum(grad * out, dim))``."""
-    return torch._softmax_backward_data(grad, out, dim, out.dtype)
 
 
 class _SymmetricGram(torch.autograd.Function):
@@ -84,15 +79,18 @@ class _WordRegionContext(torch.autograd.Function):
             p = torch.empty_like(s)
             for start, end in bounds:
                 p[start:end] = torch.softmax(s[start:end], dim=0)
-            a = torch.softmax((p * scale).view(k, bi, nr), dim=2)
+            a = (p * scale).view(k, bi, nr).exp_()  # logits in [0, scale]: no shift needed
         else:
-            a = torch.softmax((s * scale).view(k, bi, nr), dim=2)
+            a = (s * scale).view(k, bi, nr)
+            a = a.sub_(a.amax(dim=2, keepdim=True)).exp_()
+        a = a.div_(a.sum(dim=2, keepdim=True))  # softmax over regions, in place: [K, Bi, N]
         s3 = s.view(k, bi, nr)
-        dot = (a * s3).sum(2)  # [K, Bi]
         at = a.transpose(0, 1)  # [Bi, K, N]
+        scratch = torch.empty(k * bi * nr, dtype=s.dtype, device=s.device)
+        dot = torch.mul(a, s3, out=scratch.view(k, bi, nr)).sum(2)  # [K, Bi]
         if gram is not None:
             q = torch.bmm(at, gram)  # a G: [Bi, K, N]
-            csq = (q * at).sum(2).T
+            csq = torch.mul(q, at, out=scratch.view(bi, k, nr)).sum(2).T
         else:
             q = torch.bmm(at, regions)  # the contexts c: [Bi, K, d]
             csq = q.pow(2).sum(2).T
@@ -106,25 +104,28 @@ class _WordRegionContext(torch.autograd.Function):
         k, bi, nr = a.shape
         d = words.shape[1]
         d_dot = d_dot.unsqueeze(2)
-        dc2 = (2 * d_csq).T.unsqueeze(2)  # [Bi, K, 1]
+        d_csq = d_csq.T.unsqueeze(2)  # [Bi, K, 1]
         at = a.transpose(0, 1)
         da = s.view(k, bi, nr) * d_dot
+        scratch = torch.empty(k * bi * nr, dtype=s.dtype, device=s.device)
         d_gram = d_regions_ctx = None
-        if ctx.use_gram:  # d|c|^2 / da = 2 G a = 2 q
-            da.addcmul_(q.transpose(0, 1), dc2.transpose(0, 1))
-            d_gram = torch.bmm(at.transpose(1, 2), at * (dc2 * 0.5))  # sum_k dcsq a a^T: [Bi, N, N]
+        if ctx.use_gram:  # d|c|^2 / da = 2 G a = 2 q; d|c|^2 / dG = a a^T
+            da.addcmul_(q.transpose(0, 1), d_csq.transpose(0, 1), value=2.0)
+            d_gram = torch.bmm(at.transpose(1, 2), torch.mul(at, d_csq, out=scratch.view(bi, k, nr)))
         else:  # d|c|^2 / da = 2 V c, d|c|^2 / dV = 2 a c^T
-            gc = q * dc2  # [Bi, K, d]
+            gc = q * (2 * d_csq)  # [Bi, K, d]
             da += torch.bmm(gc, regions.transpose(1, 2)).transpose(0, 1)
             d_regions_ctx = torch.bmm(at.transpose(1, 2), gc)  # [Bi, N, d]
-        dx = _softmax_grad(da, a, 2).mul_(ctx.scale).view(k, bi * nr)
-        if ctx.bounds is not None:
-            ds = torch.empty_like(dx)
+        # through the softmax over regions, in place: dx = scale * a * (da - sum_r a da)
+        mean = torch.mul(a, da, out=scratch.view(k, bi, nr)).sum(2, keepdim=True)
+        dx = da.sub_(mean).mul_(a).mul_(ctx.scale).view(k, bi * nr)
+        if ctx.bounds is not None:  # through the softmax over each report's words, in place
+            flat = scratch.view(k, bi * nr)
             for start, end in ctx.bounds:
-                ds[start:end] = _softmax_grad(dx[start:end], p[start:end], 0)
-        else:
-            ds = dx
-        ds.view(k, bi, nr).addcmul_(a, d_dot)
+                ps, xs = p[start:end], dx[start:end]
+                xs.sub_(torch.mul(ps, xs, out=flat[start:end]).sum(0, keepdim=True)).mul_(ps)
+        ds = dx
+        ds.view(k, bi, nr).addcmul_(a, d_dot)  # <c, w> = sum_r a s
         d_words = ds @ regions.reshape(bi * nr, d)
         d_regions = (ds.T @ words).view(bi, nr, d)
         if d_regions_ctx is not None:
@@ -152,7 +153,7 @@ def gloria_pair_similarity(
     attention_scale: float = 4.0,
     word_scale: float = 5.0,
     eps: float = 1e-8,
-    max_pair_elements: int = 2**25,
+    max_pair_elements: int = 2**22,
     form: GloriaForm | str = GloriaForm.PAPER,
 ) -> torch.Tensor:
     """Local similarity ``R(report_j, image_i)`` of every pair.
@@ -275,8 +276,9 @@ class GloriaLocalLoss(_Loss):
         mask = None if word_mask is None else check_mask(word_mask, "word_mask", words.shape[:2], "word")
         dtype = torch.float64 if words.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=words.device.type, enabled=False):
-            w = zero_padding(words.to(dtype), mask)
-            logits = self.similarity(w, regions.to(dtype), mask) * self.similarity_scale  # [B_image, B_text]
+            w = zero_padding(plain_tensor(words).to(dtype), mask)
+            regions = plain_tensor(regions).to(dtype)
+            logits = self.similarity(w, regions, mask) * self.similarity_scale  # [B_image, B_text]
             target = torch.arange(b, device=words.device)
             loss = self.image_to_text_weight * F.cross_entropy(logits, target)
             return loss + self.text_to_image_weight * F.cross_entropy(logits.T, target)

@@ -10,7 +10,7 @@ from torch.nn.modules.loss import _Loss
 
 from monai.utils import StrEnum
 
-from monai_elvis.utils import check_batch, check_mask, check_ndim, check_option, l2_normalize, zero_padding
+from monai_elvis.utils import check_batch, check_mask, check_ndim, check_option, l2_normalize, plain_tensor, zero_padding
 
 __all__ = [
     "LocalAlignmentLoss", "LocalTarget", "TargetSource", "AlignmentDirections", "UnitWeights", "spatial_target",
@@ -114,54 +114,57 @@ class _PairedContrast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, target, valid, scale, both):
-        sq_x, sq_y = x.pow(2).sum(-1), y.pow(2).sum(-1)  # [B, M]
-        rx, ry = sq_x.clamp_min(1e-24).rsqrt(), sq_y.clamp_min(1e-24).rsqrt()
+        nx, ny = torch.linalg.vector_norm(x, dim=-1), torch.linalg.vector_norm(y, dim=-1)  # [B, M]
+        rx, ry = 1.0 / nx.clamp_min(1e-12), 1.0 / ny.clamp_min(1e-12)
         c = torch.bmm(x, y.transpose(1, 2))
         c.mul_((rx * scale).unsqueeze(2)).mul_(ry.unsqueeze(1))
         pair_valid = None
         if valid is not None:
             pair_valid = valid.unsqueeze(2) & valid.unsqueeze(1)
             c.masked_fill_(~pair_valid, _NEG)
+        target_t = None if target is None else target.transpose(-1, -2).contiguous()
+        scratch = None if target is None else torch.empty_like(c)
         lse_r = torch.logsumexp(c, 2)
-        lse_c = torch.logsumexp(c, 1) if both else None
-        loss_r = lse_r - _target_sum(c, target, rows=True)
-        loss_c = lse_c - _target_sum(c, target, rows=False) if both else torch.zeros_like(loss_r)
-        ctx.save_for_backward(x, y, sq_x, sq_y, rx, ry, c, lse_r, lse_c, target, pair_valid)
+        loss_r = lse_r - _target_sum(c, target, scratch, 2)
+        lse_c = loss_c = None
+        if both:
+            lse_c = torch.logsumexp(c, 1)
+            loss_c = lse_c - _target_sum(c, target_t, scratch, 1)
+        ctx.save_for_backward(x, y, nx, ny, rx, ry, c, lse_r, lse_c, target, target_t, pair_valid)
         ctx.scale, ctx.both = scale, both
-        return loss_r, loss_c
+        return loss_r, loss_c if both else torch.zeros_like(loss_r)
 
     @staticmethod
     def backward(ctx, g_r, g_c):
-        x, y, sq_x, sq_y, rx, ry, c, lse_r, lse_c, target, pair_valid = ctx.saved_tensors
-        g = (c - lse_r.unsqueeze(2)).exp_().mul_(g_r.unsqueeze(2))  # dloss_r / dC: softmax over j minus target
-        if ctx.both:
-            g.add_((c - lse_c.unsqueeze(1)).exp_().mul_(g_c.unsqueeze(1)))
+        x, y, nx, ny, rx, ry, c, lse_r, lse_c, target, target_t, pair_valid = ctx.saved_tensors
+        both = ctx.both
+        g = torch.sub(c, lse_r.unsqueeze(2)).exp_().mul_(g_r.unsqueeze(2))  # dloss_r / dC: softmax_j minus target
+        scratch = torch.empty_like(c)
+        if both:
+            g.add_(torch.sub(c, lse_c.unsqueeze(1), out=scratch).exp_().mul_(g_c.unsqueeze(1)))
         if target is None:
-            g.diagonal(dim1=1, dim2=2).sub_(g_r + g_c if ctx.both else g_r)
+            g.diagonal(dim1=1, dim2=2).sub_(g_r + g_c if both else g_r)
         else:
-            g.sub_(target * g_r.unsqueeze(2))
-            if ctx.both:
-                g.sub_(target.transpose(-1, -2) * g_c.unsqueeze(1))
+            g.addcmul_(target, g_r.unsqueeze(2), value=-1.0)
+            if both:  # loss_c[j] has -sum_i T_ji C_ij
+                g.addcmul_(target_t, g_c.unsqueeze(1), value=-1.0)
         if pair_valid is not None:
             g.masked_fill_(~pair_valid, 0.0)
-        gc = g * c  # d/d(norms): C_ij rides on both norms
-        coef_x = torch.where(sq_x > 1e-24, gc.sum(2) * rx * rx, torch.zeros_like(rx)).unsqueeze(2)
-        coef_y = torch.where(sq_y > 1e-24, gc.sum(1) * ry * ry, torch.zeros_like(ry)).unsqueeze(2)
+        gc = torch.mul(g, c, out=scratch)  # C_ij rides on both norms
+        coef_x = torch.where(nx > 1e-12, gc.sum(2) * rx * rx, torch.zeros_like(rx)).unsqueeze(2)
+        coef_y = torch.where(ny > 1e-12, gc.sum(1) * ry * ry, torch.zeros_like(ry)).unsqueeze(2)
         g.mul_((rx * ctx.scale).unsqueeze(2)).mul_(ry.unsqueeze(1))  # gradient of the raw products
-        dx = torch.bmm(g, y).sub_(x * coef_x)
-        dy = torch.bmm(g.transpose(1, 2), x).sub_(y * coef_y)
+        dx = torch.bmm(g, y).addcmul_(x, coef_x, value=-1.0)
+        dy = torch.bmm(g.transpose(1, 2), x).addcmul_(y, coef_y, value=-1.0)
         return dx, dy, None, None, None, None
 
 
-def _target_sum(c: torch.Tensor, target: torch.Tensor | None, rows: bool) -> torch.Tensor:
-    """``sum_j T_ij C_ij`` (``rows``) or ``sum_i T_ji C_ij`` per unit: ``[B, M]``."""
+def _target_sum(c: torch.Tensor, target: torch.Tensor | None, scratch: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``sum_j T_ij C_ij`` (``dim=2``, ``T`` the target) or ``sum_i T'_ij C_ij`` (``dim=1``, ``T'`` its transpose)
+    per unit: ``[B, M]``; ``None`` is the identity."""
     if target is None:
         return c.diagonal(dim1=1, dim2=2)
-    if target.ndim == 2:
-        return torch.einsum("bij,ij->bi", c, target) if rows else torch.einsum("bij,ji->bj", c, target)
-    return (c * target).sum(2) if rows else (c * target.transpose(1, 2)).sum(1)
-
-
+    return torch.mul(c, target, out=scratch).sum(dim)
 
 
 class LocalAlignmentLoss(_Loss):
@@ -320,10 +323,11 @@ class LocalAlignmentLoss(_Loss):
 
         dtype = torch.float64 if image_local.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=image_local.device.type, enabled=False):
-            v, va = image_local.to(dtype), image_attended.to(dtype)
-            t, ta = zero_padding(text_local.to(dtype), mask), zero_padding(text_attended.to(dtype), mask)
-            g = None if text_local_pre is None else zero_padding(text_local_pre.to(dtype), mask)
-            h = None if image_local_pre is None else image_local_pre.to(dtype)
+            v, va = plain_tensor(image_local).to(dtype), plain_tensor(image_attended).to(dtype)
+            t = zero_padding(plain_tensor(text_local).to(dtype), mask)
+            ta = zero_padding(plain_tensor(text_attended).to(dtype), mask)
+            g = None if text_local_pre is None else zero_padding(plain_tensor(text_local_pre).to(dtype), mask)
+            h = None if image_local_pre is None else plain_tensor(image_local_pre).to(dtype)
             sentence_kind = LocalTarget.ONE_HOT if self.target == LocalTarget.SPATIAL else self.target
             region_target = self._target(self.target, v, h, None, grid_size)
             sentence_target = self._target(sentence_kind, t, g, mask, None)
