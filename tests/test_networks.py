@@ -14,6 +14,7 @@ import torch
 from monai_elvis.keys import OutKeys
 from monai_elvis.losses import ElvisLoss, LocalAlignmentLoss
 from monai_elvis.networks import (
+    AttentionPooling,
     ElvisUNet,
     CrossModalAttention,
     CXRImageEncoder,
@@ -237,6 +238,41 @@ def test_elvis_net_whole_words_feed_gloria():
     terms["loss"].backward()
     assert net.text_encoder.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     assert OutKeys.TEXT_WORD not in net(torch.randn(4, 1, 64, 64), ids, mask, sidx)
+
+
+def test_attention_pooling_weights_ignore_padding():
+    torch.manual_seed(0)
+    pool = AttentionPooling(8, num_heads=2)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    pooled, w = pool(x, mask)
+    assert pooled.shape == (2, 8) and w.shape == (2, 5)
+    assert torch.allclose(w.sum(1), torch.ones(2)) and (w >= 0).all() and (w[1, 3:] == 0).all()
+    junk = x.clone()
+    junk[1, 3:] = float("nan")
+    pooled2, w2 = pool(junk, mask)
+    assert torch.equal(pooled, pooled2) and torch.equal(w, w2)
+    assert torch.allclose(pool(x[1:, :3])[0], pooled[1:], atol=1e-6)  # padding == absent
+    with pytest.raises(ValueError, match="divisible"):
+        AttentionPooling(6, num_heads=4)
+
+
+def test_elvis_net_attention_pooling_feeds_lovt_unit_weights():
+    torch.manual_seed(0)
+    net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125), ReportTextEncoder(config=TINY), embed_dim=16,
+                   global_pooling="attention", pooling_heads=2)  # fmt: skip
+    ids, mask, sidx = _text_batch()
+    out = net(torch.randn(4, 1, 64, 64), ids, mask, sidx)
+    assert out[OutKeys.IMAGE_LOCAL_WEIGHTS].shape == (4, 4) and out[OutKeys.TEXT_SENTENCE_WEIGHTS].shape == (4, 3)
+    assert (out[OutKeys.TEXT_SENTENCE_WEIGHTS][~out[OutKeys.SENTENCE_MASK]] == 0).all()
+    local = LocalAlignmentLoss("spatial", directions="both", unit_weights="attention_pooling")
+    terms = ElvisLoss(local_loss=local)(out)
+    terms["loss"].backward()
+    assert net.image_pooling.attention.in_proj_weight.grad.abs().sum() > 0  # through the global loss
+    assert OutKeys.IMAGE_LOCAL_WEIGHTS not in ElvisNet(text_encoder=ReportTextEncoder(config=TINY)).encode_image(
+        torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="global_pooling"):
+        ElvisNet(text_encoder=ReportTextEncoder(config=TINY), global_pooling="max")
 
 
 def test_elvis_net_batch_mismatch():

@@ -34,11 +34,13 @@ TOL = 1e-5
 
 
 def _objective(name: str) -> ElvisLoss:
+    """The objective of an overlay of ``configs/objective`` (its other keys set the bundle, not the loss)."""
+    import json
+
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "objective" / f"{name}.json"))
-    return parser.get_parsed_content("objective")
+    overlay = json.loads((ROOT / "configs" / "objective" / f"{name}.json").read_text())
+    return ConfigParser({"objective": overlay["objective"]}).get_parsed_content("objective")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

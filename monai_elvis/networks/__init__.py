@@ -1,7 +1,7 @@
 """Networks of monai-elvis: encoders, projection heads, cross-modal attention and :class:`ElvisNet`, and the segmentation :class:`ElvisUNet`."""
 
 from monai_elvis.networks.elvis_net import ElvisNet
-from monai_elvis.networks.heads import CrossModalAttention, ProjectionHead
+from monai_elvis.networks.heads import AttentionPooling, CrossModalAttention, ProjectionHead
 from monai_elvis.networks.image_encoder import RESNET_ARCHS, CXRImageEncoder
 from monai_elvis.networks.segmentation import ElvisUNet
 from monai_elvis.networks.text_encoder import TINY_BERT_CONFIG, ReportTextEncoder, pool_sentences, pool_words
@@ -15,6 +15,7 @@ __all__ = [
     "pool_words",
     "ProjectionHead",
     "CrossModalAttention",
+    "AttentionPooling",
     "ElvisNet",
     "ElvisUNet",
 ]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from monai_elvis.keys import OutKeys
-from monai_elvis.networks.heads import CrossModalAttention, ProjectionHead
+from monai_elvis.networks.heads import AttentionPooling, CrossModalAttention, ProjectionHead
 from monai_elvis.networks.image_encoder import CXRImageEncoder
 from monai_elvis.networks.text_encoder import ReportTextEncoder
 
@@ -23,6 +23,12 @@ class ElvisNet(nn.Module):
         embed_dim: the shared embedding size ``d``.
         projection_layers: linear layers in each projection head.
         attention_temperature: of :class:`CrossModalAttention` (``None``: ``sqrt(d)``).
+        global_pooling: ``"encoder"`` (the encoders' own global features: the image encoder's pooling, the text
+            encoder's [CLS]) or ``"attention"`` (LoVT's: :class:`AttentionPooling` over the image's regions and over
+            the report's sentences, before projection; the pooling weights are returned as
+            ``image_local_weights`` and ``text_sentence_weights``, for ``LocalAlignmentLoss(unit_weights=
+            "attention_pooling")``).
+        pooling_heads: heads of the attention pooling.
 
     ``forward(image [B, c, H, W], input_ids [B, L], attention_mask [B, L], sentence_index [B, L])`` returns a dict
     keyed by :class:`~monai_elvis.keys.OutKeys`: pre- and post-projection global and local features of both
@@ -40,8 +46,13 @@ class ElvisNet(nn.Module):
         embed_dim: int = 128,
         projection_layers: int = 2,
         attention_temperature: float | None = None,
+        global_pooling: str = "encoder",
+        pooling_heads: int = 8,
     ) -> None:
         super().__init__()
+        if global_pooling not in ("encoder", "attention"):
+            raise ValueError(f"global_pooling must be 'encoder' or 'attention', got {global_pooling!r}.")
+        self.global_pooling = global_pooling
         self.image_encoder = image_encoder if image_encoder is not None else CXRImageEncoder("resnet18", 1, 0.125)
         self.text_encoder = text_encoder if text_encoder is not None else ReportTextEncoder()
         c = int(getattr(self.image_encoder, "out_channels"))
@@ -52,6 +63,9 @@ class ElvisNet(nn.Module):
         self.text_local_head = ProjectionHead(dt, embed_dim, num_layers=projection_layers)
         self.text_global_head = ProjectionHead(dt, embed_dim, num_layers=projection_layers)
         self.attention = CrossModalAttention(attention_temperature)
+        if global_pooling == "attention":
+            self.image_pooling = AttentionPooling(c, pooling_heads)
+            self.text_pooling = AttentionPooling(dt, pooling_heads)
 
     def encode_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image half of :meth:`forward`: region and global features, before and after projection."""
@@ -60,13 +74,19 @@ class ElvisNet(nn.Module):
         else:
             local, global_ = self.image_encoder(image)
             grid = None
-        return {
+        weights = None
+        if self.global_pooling == "attention":
+            global_, weights = self.image_pooling(local)
+        out = {
             OutKeys.IMAGE_LOCAL_PRE: local,
             OutKeys.IMAGE_GLOBAL_PRE: global_,
             OutKeys.IMAGE_LOCAL: self.image_local_head(local),
             OutKeys.IMAGE_GLOBAL: self.image_global_head(global_),
             OutKeys.IMAGE_GRID: grid,
         }
+        if weights is not None:
+            out[OutKeys.IMAGE_LOCAL_WEIGHTS] = weights
+        return out
 
     def encode_text(
         self,
@@ -81,6 +101,8 @@ class ElvisNet(nn.Module):
             t = self.text_encoder(input_ids, attention_mask, sentence_index)
         else:
             t = self.text_encoder(input_ids, attention_mask, sentence_index, word_index=word_index)
+        if self.global_pooling == "attention":
+            t["global"], weights = self.text_pooling(t["sentence"], t["sentence_mask"])
         out = {
             OutKeys.TEXT_TOKEN_PRE: t["token"],
             OutKeys.TEXT_SENTENCE_PRE: t["sentence"],
@@ -91,6 +113,8 @@ class ElvisNet(nn.Module):
             OutKeys.TOKEN_MASK: t["token_mask"],
             OutKeys.SENTENCE_MASK: t["sentence_mask"],
         }
+        if self.global_pooling == "attention":
+            out[OutKeys.TEXT_SENTENCE_WEIGHTS] = weights
         if "word" in t:
             out[OutKeys.TEXT_WORD_PRE] = t["word"]
             out[OutKeys.TEXT_WORD] = self.text_local_head(t["word"])
