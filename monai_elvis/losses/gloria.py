@@ -34,8 +34,9 @@ class WordUnit(StrEnum):
 
     - ``"token"``: the projected sub-word tokens of the report's sentences (``OutKeys.TEXT_TOKEN``; no [CLS]/[SEP]).
     - ``"whole_word"``: whole words, as GLoRIA: the sub-word token features of a word summed, with [CLS] as a word
-      of its own (``OutKeys.TEXT_WORD``). The batch must carry ``Keys.WORD_INDEX``
-      (``TokenizeReportd(word_index=True)``).
+      of its own and [SEP] left out (``OutKeys.TEXT_WORD``). The batch must carry ``Keys.WORD_INDEX``
+      (``TokenizeReportd(word_index=True)``). GLoRIA's code counts a report's words as those not starting with
+      ``[``, so a report with an ``[UNK]`` word loses its last word(s); that quirk is not reproduced.
     """
 
     TOKEN = "token"

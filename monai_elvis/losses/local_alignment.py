@@ -194,7 +194,9 @@ class LocalAlignmentLoss(_Loss):
     unit_weights="attention_pooling"``: its ``l2att`` and ``att2l`` losses of scan regions and report sentences,
     each weighted 0.375, units weighted by the (detached) attention-pooling weights of its encoders, without its
     optional normalisation by the number of negatives (off in its final configuration). The within-sample
-    softmax, the spatial prior and the identity target of sentences are LoVT's.
+    softmax, the spatial prior and the identity target of sentences are LoVT's. What remains different is the
+    network's: LoVT's sentences are max-pooled tokens (here mean-pooled), its cross-attention and projections have
+    their own layers (see :class:`~monai_elvis.networks.ElvisNet`).
 
     The ELVIS paper's full text was not available: the ``intra_modal`` formulation follows its stated principle
     (intra-modal similarity as the target of local alignment) and its Figure 1. Every temperature, weight and the
