@@ -17,6 +17,7 @@ class Keys:
     INPUT_IDS = "input_ids"
     ATTENTION_MASK = "attention_mask"
     SENTENCE_INDEX = "sentence_index"
+    WORD_INDEX = "word_index"  # optional: whole-word number of each token, [CLS] = 0, -1 for [SEP] and padding
     LABEL = "label"
     BOXES = "boxes"
     PHRASE = "phrase"
@@ -41,11 +42,17 @@ class OutKeys:
     TEXT_TOKEN_PRE = "text_token_pre"  # [B, L, D]
     TEXT_SENTENCE_PRE = "text_sentence_pre"  # [B, S, D] sentence features g_k before projection
     TEXT_GLOBAL_PRE = "text_global_pre"  # [B, D]
+    TEXT_WORD_PRE = "text_word_pre"  # [B, W, D] whole words ([CLS] first): sums of their tokens (with word_index)
     TEXT_TOKEN = "text_token"  # [B, L, d] projected tokens (the "words" of GLoRIA)
     TEXT_SENTENCE = "text_sentence"  # [B, S, d] projected sentences t_k
     TEXT_GLOBAL = "text_global"  # [B, d] projected global t
+    TEXT_WORD = "text_word"  # [B, W, d] projected whole words (GLoRIA's words; only with word_index)
     TOKEN_MASK = "token_mask"  # [B, L] bool, True for tokens that belong to a sentence
     SENTENCE_MASK = "sentence_mask"  # [B, S] bool, True for real (non-padding) sentences
+    WORD_MASK = "word_mask"  # [B, W] bool, True for real whole words (only with word_index)
+    # attention-pooling weights (networks that pool their global features by attention; optional)
+    IMAGE_LOCAL_WEIGHTS = "image_local_weights"  # [B, N] weights of the regions in the image's global feature
+    TEXT_SENTENCE_WEIGHTS = "text_sentence_weights"  # [B, S] weights of the sentences in the report's global feature
     # cross-modal attention
     IMAGE_LOCAL_ATTENDED = "image_local_attended"  # [B, N, d] text-attended regions v'_i
     TEXT_SENTENCE_ATTENDED = "text_sentence_attended"  # [B, S, d] image-attended sentences t'_k

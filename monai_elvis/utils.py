@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from enum import Enum
+from typing import TypeVar
+
 import torch
 
-__all__ = ["check_ndim", "check_batch", "check_mask", "zero_padding", "l2_normalize"]
+E = TypeVar("E", bound=Enum)
+
+__all__ = ["check_ndim", "check_batch", "check_mask", "check_option", "plain_tensor", "zero_padding", "l2_normalize"]
 
 
 def check_ndim(tensor: torch.Tensor, name: str, ndim: int, layout: str) -> None:
@@ -42,6 +47,22 @@ def check_mask(mask: torch.Tensor, name: str, shape: Sequence[int], unit: str = 
             f"every {unit} is padding."
         )
     return mask
+
+
+def check_option(value: object, options: type[E], name: str) -> E:
+    """``options(value)`` for a string enum (MONAI's ``StrEnum``); raise ``ValueError`` naming the argument and
+    its choices otherwise."""
+    try:
+        return options(value)
+    except ValueError:
+        choices = tuple(o.value for o in options)
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.") from None
+
+
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a plain ``torch.Tensor`` (a MONAI ``MetaTensor`` unwrapped, sharing data and autograd history), so
+    that slicing it along the batch does not go through per-item metadata."""
+    return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
 
 
 def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -166,10 +166,19 @@ class StudyRunner:
         start = time.time()
         files = _bundle("elvis_pretrain", "train.json") + self._scale_files() + _bundle("elvis_pretrain", "evaluate.json")
         _run_bundle(files, _bundle("elvis_pretrain", "metadata.json")[0], bundle_root=str(root), split=self.cfg.split,
-                    **self._pretrain_overrides(seed))  # fmt: skip
+                    **self._pretrain_overrides(seed), **self._network_overrides(objective))  # fmt: skip
         metrics = json.loads((root / "eval" / f"{self.cfg.split}_metrics.json").read_text())["metrics"]
         return self.record(step="locality", objective=objective, seed=seed, seconds=round(time.time() - start, 1),
                            **metrics)  # fmt: skip
+
+    @staticmethod
+    def _network_overrides(objective: str) -> dict:
+        """The network settings an objective's overlay changes (``network_def#...`` keys, e.g. LoVT's attention
+        pooling), for the steps that rebuild the pre-trained network from other configs than the overlay."""
+        overlay = ROOT / "configs" / "objective" / f"{objective}.json"
+        if not overlay.is_file():
+            return {}
+        return {k: v for k, v in json.loads(overlay.read_text()).items() if k.startswith("network_def#")}
 
     def _grounding_overrides(self, root: Path) -> dict:
         from monai.bundle import ConfigParser
@@ -192,7 +201,8 @@ class StudyRunner:
         eval_dir = root / "grounding"
         _run_bundle(_bundle("elvis_grounding", "inference.json", "evaluate.json"),
                     _bundle("elvis_grounding", "metadata.json")[0], bundle_root=str(BUNDLES / "elvis_grounding"),
-                    eval_dir=str(eval_dir), split=self.cfg.split, **self._grounding_overrides(root))  # fmt: skip
+                    eval_dir=str(eval_dir), split=self.cfg.split, **self._grounding_overrides(root),
+                    **self._network_overrides(objective))  # fmt: skip
         table = json.loads((eval_dir / "grounding_by_category.json").read_text())
         return self.record(step="grounding", objective=objective, seed=seed, seconds=round(time.time() - start, 1),
                            table=table)  # fmt: skip
@@ -204,7 +214,7 @@ class StudyRunner:
             return out
         _run_bundle(_bundle("elvis_grounding", "inference.json"), _bundle("elvis_grounding", "metadata.json")[0],
                     bundle_root=str(BUNDLES / "elvis_grounding"), output_dir=str(out), datalist_file=str(phrases_file),
-                    **self._grounding_overrides(root))  # fmt: skip
+                    **self._grounding_overrides(root), **self._network_overrides(objective))  # fmt: skip
         return out
 
     def segmentation(self, objective: str, seed: int, root: Path, fraction: float, mode: str) -> dict:

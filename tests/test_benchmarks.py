@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from monai_elvis.benchmarks.__main__ import main
-from monai_elvis.benchmarks.losses import LOSS_NAMES, gloria_local_loop
+from monai_elvis.benchmarks.losses import LOSS_DESCRIPTIONS, LOSS_NAMES, _inputs, lovt_objective
+from monai_elvis.benchmarks.references import gloria_code_reference, gloria_paper_reference, lovt_reference
+from monai_elvis.keys import OutKeys
 from monai_elvis.losses import GloriaLocalLoss
 
-KEYS = {"loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms"}
+KEYS = {"loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms", "reference_fwd_bwd_ms", "speedup",
+        "floor_fwd_bwd_ms"}  # fmt: skip
 
 
 def test_losses_benchmark_json_records(capsys):
@@ -23,24 +26,55 @@ def test_losses_benchmark_json_records(capsys):
         assert r["batch"] == 2 and r["regions"] == "2x2" and r["dim"] == 8
         assert r["units"] == (97 if r["loss"].startswith("gloria") else 12)
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        has_reference = r["loss"] in ("gloria_code", "gloria_paper", "lovt")
+        assert (r["reference_fwd_bwd_ms"] is not None) == has_reference
+        if has_reference:
+            assert r["speedup"] == pytest.approx(r["reference_fwd_bwd_ms"] / r["fwd_bwd_ms"], rel=0.02, abs=0.01)
+        assert (r["floor_fwd_bwd_ms"] is not None) == r["loss"].startswith("gloria")
 
 
-def test_losses_benchmark_table(capsys):
-    main(["losses", "--loss", "elvis_local", "--batch", "2", "--grid", "2", "--dim", "8", "--repeats", "1"])
+def test_losses_benchmark_table_says_what_each_row_is(capsys):
+    main(["losses", "--loss", "gloria_code", "--loss", "elvis_local", "--batch", "2", "--grid", "2", "--dim", "8",
+          "--repeats", "1"])  # fmt: skip
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms"]
-    assert out[1].split()[:5] == ["elvis_local", "2", "2x2", "8", "12"]
+    assert out[0].split() == ["loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms",
+                              "reference_fwd_bwd_ms", "speedup", "floor_fwd_bwd_ms"]  # fmt: skip
+    assert out[1].split()[:5] == ["gloria_code", "2", "2x2", "8", "97"]
+    assert out[2].split()[:5] == ["elvis_local", "2", "2x2", "8", "12"] and out[2].split()[-3:] == ["-", "-", "-"]
+    assert f"gloria_code: {LOSS_DESCRIPTIONS['gloria_code']}" in out
+    assert f"elvis_local: {LOSS_DESCRIPTIONS['elvis_local']}" in out
+    assert not any("published code" in line and "loop" in line for line in out)
 
 
-def test_gloria_loop_baseline_equals_vectorised_loss():
-    torch.manual_seed(0)
-    words, regions = torch.randn(3, 6, 8, dtype=torch.float64), torch.randn(3, 4, 8, dtype=torch.float64)
-    mask = torch.ones(3, 6, dtype=torch.bool)
-    mask[0, 3:] = False
-    loss = GloriaLocalLoss()
-    assert gloria_local_loop(words, regions, mask, loss).item() == pytest.approx(
-        loss(words, regions, mask).item(), abs=1e-5
-    )
+@pytest.mark.parametrize("form,reference", [("code", gloria_code_reference), ("paper", gloria_paper_reference)])
+def test_gloria_references_agree_with_the_losses(form, reference):
+    x = {k: (v.detach().double().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+         for k, v in _inputs(3, 2, 8, 4, 6, seed=1).items()}  # fmt: skip
+    args = (x[OutKeys.TEXT_TOKEN], x[OutKeys.IMAGE_LOCAL], x[OutKeys.TOKEN_MASK])
+    ours, ref = GloriaLocalLoss(form=form)(*args), reference(*args)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-9)
+    for a, b in zip(torch.autograd.grad(ours, args[:2]), torch.autograd.grad(ref, args[:2])):
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_lovt_reference_agrees_with_the_objective():
+    x = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+         for k, v in _inputs(3, 3, 8, 4, 6, seed=2).items()}  # fmt: skip
+    ours = lovt_objective()(x)["loss"]
+    ref = lovt_reference(
+        x[OutKeys.IMAGE_LOCAL], x[OutKeys.IMAGE_LOCAL_ATTENDED], x[OutKeys.TEXT_SENTENCE],
+        x[OutKeys.TEXT_SENTENCE_ATTENDED], x[OutKeys.SENTENCE_MASK], x[OutKeys.IMAGE_GLOBAL], x[OutKeys.TEXT_GLOBAL],
+        x[OutKeys.IMAGE_GRID], x[OutKeys.IMAGE_LOCAL_WEIGHTS], x[OutKeys.TEXT_SENTENCE_WEIGHTS],
+    )  # fmt: skip
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-9)
+    leaves = [v for v in x.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    used = 0
+    for a, b in zip(torch.autograd.grad(ours, leaves, allow_unused=True), torch.autograd.grad(ref, leaves, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-9)
+            used += 1
+    assert used == 6  # local, attended and global features of both modalities
 
 
 def test_transforms_benchmark_records(capsys):

@@ -41,10 +41,11 @@ def test_two_iterations_per_objective(objective, phantom, tmp_path):
     _run([TRAIN, overlay], tmp_path, phantom, max_epochs=1, epoch_length=2)
     models = tmp_path / "models"
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    pooling = json.loads(overlay.read_text()).get("network_def#global_pooling", "encoder")  # LoVT: "attention"
     net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125),
                    ReportTextEncoder(config={"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
                                              "num_attention_heads": 2, "intermediate_size": 128,
-                                             "max_position_embeddings": 128}))  # fmt: skip
+                                             "max_position_embeddings": 128}), global_pooling=pooling)  # fmt: skip
     net.load_state_dict(state)  # a plain state dict of the network
     assert ReportTextEncoder(models / "text_model").hidden_size == 64
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -216,6 +216,9 @@ def test_collate_pads_text():
     assert out["report"] == [["a."], ["b.", "c."]]
     assert out["findings"] == [[], ["nodule"]]
     assert collate_reports(batch, pad_values={"input_ids": 5})["input_ids"][0, -1] == 5
+    for sample, words in zip(batch, ([0, 1, -1], [0, 1, 2, 2, -1])):
+        sample["word_index"] = torch.tensor(words)
+    assert collate_reports(batch)["word_index"].tolist() == [[0, 1, -1, -1, -1], [0, 1, 2, 2, -1]]
     with pytest.raises(ValueError, match="empty batch"):
         collate_reports([])
 

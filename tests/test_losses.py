@@ -53,6 +53,39 @@ def test_global_learnable_temperature_gets_gradient_and_is_clamped():
     assert loss_fn2.log_logit_scale.grad is not None and loss_fn2.log_logit_scale.grad.abs() > 0
 
 
+def test_learnable_temperature_past_its_bound_still_gets_gradient_and_is_clamped_by_value():
+    """The bound is on the parameter's value (clamped after a step), not in the forward pass: an overshoot past the
+    bound keeps a non-zero gradient (a forward clamp made it exactly 0, so the temperature could stick)."""
+    loss_fn = GlobalContrastiveLoss(temperature=0.1, learnable_temperature=True, max_logit_scale=5.0)
+    assert loss_fn.temperature == pytest.approx(0.2)  # the initial value is clamped
+    with torch.no_grad():
+        loss_fn.log_logit_scale.fill_(math.log(20.0))  # as if an optimizer step overshot the bound
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=g)
+    loss_fn(x, torch.randn(4, 8, generator=g)).backward()
+    assert loss_fn.log_logit_scale.grad.abs() > 1e-6
+    loss_fn.clamp_parameters_()
+    assert loss_fn.temperature == pytest.approx(0.2)
+
+
+def test_clamp_parameters_handler_clamps_after_optimizer_steps_only():
+    from types import SimpleNamespace
+
+    from monai_elvis.engines import ClampParametersHandler, ObjectiveLoss
+
+    objective = ElvisLoss(GlobalContrastiveLoss(0.1, learnable_temperature=True, max_logit_scale=5.0))
+    engine = SimpleNamespace(loss_function=ObjectiveLoss(objective), network=torch.nn.Linear(2, 2),
+                             accumulation_steps=2, state=SimpleNamespace(iteration=1, epoch_length=4))  # fmt: skip
+    param = objective.global_loss.log_logit_scale
+    with torch.no_grad():
+        param.fill_(math.log(20.0))
+    ClampParametersHandler()(engine)  # iteration 1 of an accumulation window of 2: no optimizer step yet
+    assert param.item() == pytest.approx(math.log(20.0))
+    engine.state.iteration = 2
+    ClampParametersHandler()(engine)
+    assert param.item() == pytest.approx(math.log(5.0))
+
+
 # ---------------------------------------------------------------- local: hand-computed
 V = T([[[1.0, 0.0], [0.0, 1.0]]])  # [1, 2, 2] regions
 V_ATT = T([[[1.0, 0.0], [0.6, 0.8]]])  # cos(V, V_ATT) = [[1, .6], [0, .8]] -> /0.5 = [[2, 1.2], [0, 1.6]]
@@ -161,6 +194,19 @@ def test_spatial_loss_matches_explicit_sum_and_uses_identity_for_sentences():
         loss(v[:, :8], va[:, :8], t, ta)
 
 
+def test_spatial_prior_follows_settings_changed_after_a_call():
+    torch.manual_seed(7)
+    v, va = torch.randn(2, 9, 4), torch.randn(2, 9, 4)
+    t, ta = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    loss = LocalAlignmentLoss("spatial", temperature=0.3, spatial_threshold=0.3)
+    first = loss(v, va, t, ta)
+    loss.spatial_threshold, loss.spatial_smoothing = 0.5, 2.0  # diagonal neighbours now count, weighted differently
+    changed = loss(v, va, t, ta)
+    fresh = LocalAlignmentLoss("spatial", temperature=0.3, spatial_threshold=0.5, spatial_smoothing=2.0)(v, va, t, ta)
+    assert changed.item() == pytest.approx(fresh.item(), abs=1e-7)
+    assert abs(changed.item() - first.item()) > 1e-4
+
+
 def test_local_unit_weights_are_normalised_per_sample():
     torch.manual_seed(2)
     args = [torch.randn(1, 4, 3), torch.randn(1, 4, 3), torch.randn(1, 2, 3), torch.randn(1, 2, 3)]
@@ -206,8 +252,11 @@ def _with_padding(fill: float | None, seed: int):
 @pytest.mark.parametrize(
     "local",
     [LocalAlignmentLoss("one_hot"), LocalAlignmentLoss("spatial"), LocalAlignmentLoss("intra_modal"),
-     LocalAlignmentLoss("intra_modal", target_source="projected"), GloriaLocalLoss()],
-    ids=["one_hot", "spatial", "intra_modal", "intra_modal_projected", "gloria"],
+     LocalAlignmentLoss("intra_modal", target_source="projected"), GloriaLocalLoss(),
+     LocalAlignmentLoss("spatial", directions="both"), LocalAlignmentLoss("intra_modal", directions="both"),
+     GloriaLocalLoss(form="code")],
+    ids=["one_hot", "spatial", "intra_modal", "intra_modal_projected", "gloria", "lovt", "intra_modal_both",
+         "gloria_code"],
 )
 def test_padded_features_change_neither_loss_nor_gradients(local):
     loss_fn = ElvisLoss(local_loss=local)
@@ -233,7 +282,8 @@ def test_padded_features_change_neither_loss_nor_gradients(local):
 
 
 # ---------------------------------------------------------------- permutation invariance
-@pytest.mark.parametrize("local", [None, LocalAlignmentLoss("intra_modal"), LocalAlignmentLoss("spatial"), GloriaLocalLoss()])
+@pytest.mark.parametrize("local", [None, LocalAlignmentLoss("intra_modal"), LocalAlignmentLoss("spatial"), GloriaLocalLoss(),
+                                   LocalAlignmentLoss("spatial", directions="both"), GloriaLocalLoss(form="code")])
 def test_global_and_total_losses_are_invariant_to_batch_permutation(local):
     x = _with_padding(None, 0)
     perm = torch.tensor([2, 0, 1])
@@ -311,7 +361,8 @@ def test_finite_under_bfloat16_autocast_with_large_features():
     raw[OutKeys.TEXT_GLOBAL] = torch.randn(b, d)
     smask = torch.ones(b, s, dtype=torch.bool)
     smask[0, 3:] = False
-    for local in (LocalAlignmentLoss("intra_modal"), LocalAlignmentLoss("spatial"), GloriaLocalLoss()):
+    for local in (LocalAlignmentLoss("intra_modal"), LocalAlignmentLoss("spatial"), GloriaLocalLoss(),
+                  LocalAlignmentLoss("spatial", directions="both"), GloriaLocalLoss(form="code")):
         lin.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             x = {k: lin(v) * 100 for k, v in raw.items()}
@@ -346,6 +397,19 @@ def test_bad_input_errors_name_tensor_and_shape():
         GloriaLocalLoss()(t, v, T([[False] * 3, [True] * 3]))
     with pytest.raises(ValueError, match="target must be one of"):
         LocalAlignmentLoss("cosine")
+    with pytest.raises(ValueError, match=r"directions must be one of \('local_to_attended', 'both'\), got 'all'"):
+        LocalAlignmentLoss(directions="all")
+    with pytest.raises(ValueError, match="unit_weights must be one of"):
+        LocalAlignmentLoss(unit_weights="pooling")
+    with pytest.raises(ValueError, match=r"form must be one of \('paper', 'code'\), got 'released'"):
+        GloriaLocalLoss(form="released")
+    with pytest.raises(ValueError, match="word_units must be one of"):
+        GloriaLocalLoss(word_units="words")
+    x = _with_padding(None, 0)
+    with pytest.raises(KeyError, match="text_word.*word_index=True"):
+        ElvisLoss(local_loss=GloriaLocalLoss(word_units="whole_word"))(x)
+    with pytest.raises(KeyError, match="image_local_weights.*attention_pooling"):
+        ElvisLoss(local_loss=LocalAlignmentLoss("one_hot", unit_weights="attention_pooling"))(x)
     with pytest.raises(KeyError, match="image_global"):
         ElvisLoss()({})
     with pytest.raises(ValueError, match="no term"):
@@ -359,7 +423,28 @@ def test_gloria_chunking_does_not_change_the_result():
     words, regions = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
     mask = torch.rand(4, 6) > 0.3
     mask[:, 0] = True
-    whole = gloria_pair_similarity(words, regions, mask)
-    for max_elements in (1, 13, 50):
-        assert torch.allclose(gloria_pair_similarity(words, regions, mask, max_pair_elements=max_elements), whole)
-    assert whole.shape == (3, 4)
+    for form in ("paper", "code"):
+        whole = gloria_pair_similarity(words, regions, mask, form=form)
+        for max_elements in (1, 13, 50):
+            chunked = gloria_pair_similarity(words, regions, mask, max_pair_elements=max_elements, form=form)
+            assert torch.allclose(chunked, whole)
+        assert whole.shape == (3, 4)
+
+
+def test_elvis_loss_passes_detached_attention_pooling_weights_and_reports_every_direction():
+    x = _with_padding(None, 0)
+    b, n, s = 3, 4, 5
+    x[OutKeys.IMAGE_LOCAL_WEIGHTS] = torch.rand(b, n, requires_grad=True)
+    x[OutKeys.TEXT_SENTENCE_WEIGHTS] = torch.rand(b, s, requires_grad=True)
+    local = LocalAlignmentLoss("spatial", directions="both", unit_weights="attention_pooling")
+    terms = ElvisLoss(local_loss=local)(x)
+    expected = local.losses(x[OutKeys.IMAGE_LOCAL], x[OutKeys.IMAGE_LOCAL_ATTENDED], x[OutKeys.TEXT_SENTENCE],
+                            x[OutKeys.TEXT_SENTENCE_ATTENDED], x[OutKeys.SENTENCE_MASK],
+                            region_weights=x[OutKeys.IMAGE_LOCAL_WEIGHTS], sentence_weights=x[OutKeys.TEXT_SENTENCE_WEIGHTS],
+                            grid_size=(2, 2))  # fmt: skip
+    for k, v in expected.items():
+        assert terms[f"local_{k}"].item() == pytest.approx(v.item(), abs=1e-6), k
+    uniform = ElvisLoss(local_loss=LocalAlignmentLoss("spatial", directions="both"))(x)
+    assert abs(uniform["local"].item() - terms["local"].item()) > 1e-4
+    terms["loss"].backward()
+    assert x[OutKeys.IMAGE_LOCAL_WEIGHTS].grad is None  # stop-gradient, as LoVT

@@ -14,6 +14,7 @@ import torch
 from monai_elvis.keys import OutKeys
 from monai_elvis.losses import ElvisLoss, LocalAlignmentLoss
 from monai_elvis.networks import (
+    AttentionPooling,
     ElvisUNet,
     CrossModalAttention,
     CXRImageEncoder,
@@ -21,6 +22,7 @@ from monai_elvis.networks import (
     ProjectionHead,
     ReportTextEncoder,
     pool_sentences,
+    pool_words,
 )
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
@@ -94,6 +96,19 @@ def test_pool_sentences_hand_computed():
     assert torch.equal(sent[0, 1], torch.tensor([6.0, 7.0]))  # token 3 only
     assert torch.equal(sent[0, 2], torch.zeros(2))
     assert smask.tolist() == [[True, True, False]]
+
+
+def test_pool_words_sums_sub_words_hand_computed():
+    tokens = torch.arange(14, dtype=torch.float32).view(1, 7, 2)  # token t = [2t, 2t+1]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
+    widx = torch.tensor([[0, 1, 1, 2, 2, -1, 2]])  # [CLS], word 1 (two tokens), word 2 (two), [SEP], padding
+    words, wmask = pool_words(tokens, mask, widx, num_words=4)
+    assert torch.equal(words[0, 0], torch.tensor([0.0, 1.0]))
+    assert torch.equal(words[0, 1], torch.tensor([2.0 + 4.0, 3.0 + 5.0]))  # summed, as GLoRIA
+    assert torch.equal(words[0, 2], torch.tensor([6.0 + 8.0, 7.0 + 9.0]))  # the padding token is not counted
+    assert torch.equal(words[0, 3], torch.zeros(2))
+    assert wmask.tolist() == [[True, True, True, False]]
+    assert pool_words(tokens, mask, widx)[0].shape == (1, 3, 2)
 
 
 def test_text_encoder_outputs_and_padding():
@@ -204,6 +219,60 @@ def test_elvis_net_forward_backward_batch4_64px():
         assert torch.isfinite(p.grad).all(), name
     assert net.image_encoder.backbone.conv1.weight.grad.abs().sum() > 0
     assert net.text_encoder.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_elvis_net_whole_words_feed_gloria():
+    from monai_elvis.losses import GloriaLocalLoss
+
+    torch.manual_seed(0)
+    net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125), ReportTextEncoder(config=TINY), embed_dim=16)
+    ids, mask, sidx = _text_batch()
+    widx = torch.where(sidx >= 0, torch.arange(14).expand(4, 14) // 2 + 1, torch.full_like(sidx, -1))
+    widx[:, 0] = 0  # [CLS]
+    out = net(torch.randn(4, 1, 64, 64), ids, mask, sidx, word_index=widx)
+    w = int(widx.max()) + 1
+    assert out[OutKeys.TEXT_WORD_PRE].shape == (4, w, 32) and out[OutKeys.TEXT_WORD].shape == (4, w, 16)
+    assert torch.allclose(out[OutKeys.TEXT_WORD], net.text_local_head(out[OutKeys.TEXT_WORD_PRE]))
+    assert out[OutKeys.WORD_MASK][:, 0].all()  # [CLS] is a word
+    terms = ElvisLoss(local_loss=GloriaLocalLoss(form="code", word_units="whole_word"))(out)
+    terms["loss"].backward()
+    assert net.text_encoder.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert OutKeys.TEXT_WORD not in net(torch.randn(4, 1, 64, 64), ids, mask, sidx)
+
+
+def test_attention_pooling_weights_ignore_padding():
+    torch.manual_seed(0)
+    pool = AttentionPooling(8, num_heads=2)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    pooled, w = pool(x, mask)
+    assert pooled.shape == (2, 8) and w.shape == (2, 5)
+    assert torch.allclose(w.sum(1), torch.ones(2)) and (w >= 0).all() and (w[1, 3:] == 0).all()
+    junk = x.clone()
+    junk[1, 3:] = float("nan")
+    pooled2, w2 = pool(junk, mask)
+    assert torch.equal(pooled, pooled2) and torch.equal(w, w2)
+    assert torch.allclose(pool(x[1:, :3])[0], pooled[1:], atol=1e-6)  # padding == absent
+    with pytest.raises(ValueError, match="divisible"):
+        AttentionPooling(6, num_heads=4)
+
+
+def test_elvis_net_attention_pooling_feeds_lovt_unit_weights():
+    torch.manual_seed(0)
+    net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125), ReportTextEncoder(config=TINY), embed_dim=16,
+                   global_pooling="attention", pooling_heads=2)  # fmt: skip
+    ids, mask, sidx = _text_batch()
+    out = net(torch.randn(4, 1, 64, 64), ids, mask, sidx)
+    assert out[OutKeys.IMAGE_LOCAL_WEIGHTS].shape == (4, 4) and out[OutKeys.TEXT_SENTENCE_WEIGHTS].shape == (4, 3)
+    assert (out[OutKeys.TEXT_SENTENCE_WEIGHTS][~out[OutKeys.SENTENCE_MASK]] == 0).all()
+    local = LocalAlignmentLoss("spatial", directions="both", unit_weights="attention_pooling")
+    terms = ElvisLoss(local_loss=local)(out)
+    terms["loss"].backward()
+    assert net.image_pooling.attention.in_proj_weight.grad.abs().sum() > 0  # through the global loss
+    assert OutKeys.IMAGE_LOCAL_WEIGHTS not in ElvisNet(text_encoder=ReportTextEncoder(config=TINY)).encode_image(
+        torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="global_pooling"):
+        ElvisNet(text_encoder=ReportTextEncoder(config=TINY), global_pooling="max")
 
 
 def test_elvis_net_batch_mismatch():

@@ -153,3 +153,31 @@ def test_tokenize_report_sentence_index_and_truncation(iu_tokenizer):
         TokenizeReport(tok)([])
     with pytest.raises(ValueError, match="needs a tokenizer"):
         TokenizeReportd()
+
+
+def _vocab_tokenizers(tmp_path):
+    from transformers import BertTokenizer, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "pneum", "##othorax", ".", "the", "heart", "is",
+             "normal", "card", "##io", "##megaly"]  # fmt: skip
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(str(path)), BertTokenizer(str(path))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
+def test_tokenize_report_word_index_groups_sub_words_with_cls_as_word_0(tmp_path, fast):
+    tok = _vocab_tokenizers(tmp_path)[0 if fast else 1]
+    sentences = ["No pneumothorax.", "The heart is normal.", "Cardiomegaly."]
+    out = TokenizeReport(tok, max_length=32, word_index=True)(sentences)
+    tokens = tok.convert_ids_to_tokens(out[Keys.INPUT_IDS].tolist())
+    assert tokens == ["[CLS]", "no", "pneum", "##othorax", ".", "the", "heart", "is", "normal", ".", "card", "##io",
+                      "##megaly", ".", "[SEP]"]  # fmt: skip
+    assert out[Keys.WORD_INDEX].tolist() == [0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 10, -1]
+    assert out[Keys.SENTENCE_INDEX].tolist() == [-1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, -1]
+    padded = TokenizeReport(tok, max_length=20, pad_to_max_length=True, word_index=True)(sentences)
+    assert padded[Keys.WORD_INDEX].tolist() == out[Keys.WORD_INDEX].tolist() + [-1] * 5
+    cut = TokenizeReport(tok, max_length=4, word_index=True)(sentences)  # the first sentence cut inside a word
+    assert cut[Keys.WORD_INDEX].tolist() == [0, 1, 2, -1]
+    assert Keys.WORD_INDEX not in TokenizeReport(tok)(sentences)  # optional: off by default
+    assert Keys.WORD_INDEX in TokenizeReportd(tokenizer=tok, word_index=True)({"report": sentences})

@@ -8,34 +8,51 @@ import json
 import sys
 
 
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def _table(records: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in records)) for c in columns}
+    widths = {c: max(len(c), *(len(_cell(r[c])) for r in records)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in records]
+    lines += ["  ".join(_cell(r[c]).ljust(widths[c]) for c in columns) for r in records]
     return "\n".join(lines)
 
 
+LOSS_COLUMNS = ["loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms", "reference_fwd_bwd_ms", "speedup",
+                "floor_fwd_bwd_ms"]  # fmt: skip
+
+
 def _losses(args: argparse.Namespace) -> None:
-    from monai_elvis.benchmarks.losses import LOSS_NAMES, run_loss_benchmark
+    from monai_elvis.benchmarks.losses import LOSS_DESCRIPTIONS, LOSS_NAMES, run_loss_benchmark
 
     def progress(rec: dict) -> None:
         if not args.json:
-            print(f"  {rec['loss']:<18} B={rec['batch']:<3} {rec['regions']:<6} d={rec['dim']:<4} "
-                  f"fwd {rec['fwd_ms']:9.2f} ms  fwd+bwd {rec['fwd_bwd_ms']:9.2f} ms", file=sys.stderr, flush=True)
+            ref = "" if rec["speedup"] is None else f"  reference {rec['reference_fwd_bwd_ms']:9.2f} ms ({rec['speedup']}x)"
+            floor = "" if rec["floor_fwd_bwd_ms"] is None else f"  floor {rec['floor_fwd_bwd_ms']:9.2f} ms"
+            print(f"  {rec['loss']:<14} B={rec['batch']:<3} {rec['regions']:<6} d={rec['dim']:<4} "
+                  f"fwd {rec['fwd_ms']:9.2f} ms  fwd+bwd {rec['fwd_bwd_ms']:9.2f} ms{ref}{floor}", file=sys.stderr,
+                  flush=True)  # fmt: skip
 
+    losses = tuple(args.loss or LOSS_NAMES)
     records = run_loss_benchmark(
-        losses=tuple(args.loss or LOSS_NAMES),
+        losses=losses,
         batches=tuple(args.batch),
         grids=tuple(args.grid),
         dims=tuple(args.dim),
         repeats=args.repeats,
         threads=args.threads,
         progress=progress,
+        clock=args.clock,
     )
     if args.json:
         print(json.dumps(records, indent=1))
     else:
-        print(_table(records, ["loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms"]))
+        print(_table(records, LOSS_COLUMNS))
+        print(f"\nms ({args.clock} clock): best of {args.repeats} on {args.threads} thread(s); "
+              "speedup = reference / fwd_bwd.")
+        for name in dict.fromkeys(losses):
+            print(f"{name}: {LOSS_DESCRIPTIONS[name]}")
 
 
 def _transforms(args: argparse.Namespace) -> None:
@@ -89,14 +106,17 @@ def _phantom_probe(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m monai_elvis.benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("losses", help="forward and forward+backward time of the objectives, one thread")
+    p = sub.add_parser("losses", help="forward and forward+backward time of the objectives against reference "
+                       "implementations of the published math, one thread")
     p.add_argument("--json", action="store_true", help="print a JSON list of records instead of a table")
     p.add_argument("--loss", action="append", help="only this loss (repeatable)")
     p.add_argument("--batch", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--grid", type=int, nargs="+", default=[7, 14], help="region grid side (7 -> 7x7)")
-    p.add_argument("--dim", type=int, nargs="+", default=[128, 768])
+    p.add_argument("--grid", type=int, nargs="+", default=[7, 19], help="region grid side (7 -> 7x7)")
+    p.add_argument("--dim", type=int, nargs="+", default=[768])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: the thread's CPU time (steadier on a shared machine; one thread)")
     p.set_defaults(func=_losses)
     p = sub.add_parser("transforms", help="image-report pairs per second through the pre-training preprocessing")
     p.add_argument("--json", action="store_true")

@@ -13,15 +13,16 @@ from monai_elvis.keys import Keys
 __all__ = ["collate_reports", "TEXT_PAD_VALUES"]
 
 # key -> padding value
-TEXT_PAD_VALUES: dict[str, int] = {Keys.INPUT_IDS: 0, Keys.ATTENTION_MASK: 0, Keys.SENTENCE_INDEX: -1}
+TEXT_PAD_VALUES: dict[str, int] = {Keys.INPUT_IDS: 0, Keys.ATTENTION_MASK: 0, Keys.SENTENCE_INDEX: -1, Keys.WORD_INDEX: -1}
 
 
 def collate_reports(batch: Sequence[Mapping[str, Any]], pad_values: Mapping[str, int] | None = None) -> dict:
     """Collate dict samples, right-padding the token tensors to the longest in the batch.
 
     ``input_ids`` are padded with 0 (override with ``pad_values``, e.g. the tokenizer's pad id),
-    ``attention_mask`` with 0 and ``sentence_index`` with -1; the ``report`` (text or list of sentences) and
-    any other list-valued entry are kept as lists of the samples' values; every other key goes through MONAI's
+    ``attention_mask`` with 0, ``sentence_index`` and ``word_index`` (when present) with -1; the ``report`` (text
+    or list of sentences) and any other list-valued entry are kept as lists of the samples' values; every other key
+    goes through MONAI's
     :func:`~monai.data.utils.list_data_collate`.
     Samples that are ``None`` (skipped as bad by :class:`~monai_elvis.data.SkippingCacheDataset`) are dropped.
     Usable as ``collate_fn`` of MONAI's and PyTorch's data loaders.

@@ -12,6 +12,7 @@ from monai_elvis.engines.evaluation import (
 )
 from monai_elvis.engines.grounding import GroundingReportHandler, GroundingWriter, heat_colormap, phrase_slug
 from monai_elvis.engines.vlp import (
+    ClampParametersHandler,
     GradientClipHandler,
     MetricsJSONHandler,
     attach_resume,
@@ -25,7 +26,7 @@ from monai_elvis.engines.vlp import (
 )
 
 __all__ = [
-    "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
+    "ClampParametersHandler", "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
     "latest_checkpoint", "prepare_grounding_batch", "prepare_vlp_batch", "save_text_model",
     "GroundingReportHandler", "GroundingWriter", "heat_colormap", "phrase_slug",
     "ChanceLevelHandler", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",

@@ -20,7 +20,8 @@ from monai_elvis.keys import Keys
 from monai_elvis.losses import ElvisLoss
 
 __all__ = [
-    "prepare_vlp_batch", "prepare_grounding_batch", "ObjectiveLoss", "GradientClipHandler", "MetricsJSONHandler", "from_pred",
+    "prepare_vlp_batch", "prepare_grounding_batch", "ObjectiveLoss", "GradientClipHandler", "ClampParametersHandler",
+    "MetricsJSONHandler", "from_pred",
     "latest_checkpoint", "ensure_tokenizer", "save_text_model", "attach_resume",
 ]  # fmt: skip
 
@@ -41,7 +42,8 @@ def prepare_grounding_batch(batchdata: Mapping[str, Any], device: str | torch.de
 def prepare_vlp_batch(batchdata: Mapping[str, Any], device: str | torch.device | None = None,
                       non_blocking: bool = False, **kwargs: Any):  # fmt: skip
     """``prepare_batch`` for MONAI engines: ``(image, target, (), {input_ids, attention_mask, sentence_index})``,
-    so that the inferer calls ``network(image, input_ids=..., attention_mask=..., sentence_index=...)``.
+    so that the inferer calls ``network(image, input_ids=..., attention_mask=..., sentence_index=...)``; a batch
+    with ``word_index`` (``TokenizeReportd(word_index=True)``) passes it too.
 
     ``target`` is the batch's multi-hot ``class_label`` ``[B, K]`` when it has one (for zero-shot and
     class-aware evaluation, see :class:`~monai_elvis.transforms.ClassNamesToMultiHotd`), else ``None``."""
@@ -49,7 +51,8 @@ def prepare_vlp_batch(batchdata: Mapping[str, Any], device: str | torch.device |
     if missing:
         raise KeyError(f"an image-report batch needs {missing}; it has {sorted(batchdata)}.")
     image = torch.as_tensor(batchdata[Keys.IMAGE]).to(device=device, non_blocking=non_blocking, **kwargs)
-    text = {k: torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking) for k in TEXT_KEYS}
+    keys = TEXT_KEYS + ((Keys.WORD_INDEX,) if Keys.WORD_INDEX in batchdata else ())
+    text = {k: torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking) for k in keys}
     target = batchdata.get(Keys.CLASS_LABEL)
     if target is not None:
         target = torch.as_tensor(target).to(device=device, non_blocking=non_blocking)
@@ -111,6 +114,31 @@ class GradientClipHandler:
         if getattr(engine, "amp", False) and scaler is not None:
             scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+class ClampParametersHandler:
+    """Keep bounded parameters in range after each optimizer step, as CLIP clamps its logit scale.
+
+    Calls ``clamp_parameters_()`` of every sub-module of ``engine.loss_function`` and ``engine.network`` that has
+    one (for example the learnable temperature of :class:`~monai_elvis.losses.GlobalContrastiveLoss`), on
+    ``IterationEvents.MODEL_COMPLETED``, which MONAI's trainer fires after the optimizer step; with gradient
+    accumulation only on the iterations that step. Clamping the value (not the forward pass) keeps the gradient
+    alive at the bound.
+    """
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if not GradientClipHandler.steps_now(engine):
+            return
+        for root in (getattr(engine, "loss_function", None), getattr(engine, "network", None)):
+            if not isinstance(root, nn.Module):
+                continue
+            for module in root.modules():
+                clamp = getattr(module, "clamp_parameters_", None)
+                if callable(clamp):
+                    clamp()
 
 
 class MetricsJSONHandler:

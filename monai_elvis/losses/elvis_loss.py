@@ -9,8 +9,8 @@ from torch import nn
 
 from monai_elvis.keys import OutKeys
 from monai_elvis.losses.global_contrastive import GlobalContrastiveLoss
-from monai_elvis.losses.gloria import GloriaLocalLoss
-from monai_elvis.losses.local_alignment import LocalAlignmentLoss
+from monai_elvis.losses.gloria import GloriaLocalLoss, WordUnit
+from monai_elvis.losses.local_alignment import LocalAlignmentLoss, UnitWeights
 
 __all__ = ["ElvisLoss"]
 
@@ -18,12 +18,21 @@ __all__ = ["ElvisLoss"]
 class ElvisLoss(nn.Module):
     """``loss = global_weight * global + local_weight * local`` over the output dict of :class:`ElvisNet`.
 
-    One class serves every objective of the toolkit through its arguments:
+    One class serves every objective of the toolkit through its arguments (the overlays in ``configs/objective``):
 
     - ELVIS: ``local_loss=LocalAlignmentLoss(target="intra_modal")`` (the default);
-    - LoVT-style: ``LocalAlignmentLoss(target="spatial")``; one-hot locality: ``target="one_hot"``;
-    - GLoRIA: ``local_loss=GloriaLocalLoss()`` (on projected tokens and regions);
-    - ConVIRT (global only): ``local_loss=None``.
+    - LoVT: ``LocalAlignmentLoss(target="spatial", directions="both", unit_weights="attention_pooling", ...)`` with
+      ``GlobalContrastiveLoss`` weights 0.75 / 0.25; one-hot locality: ``target="one_hot"``;
+    - GLoRIA: ``local_loss=GloriaLocalLoss(form="code", word_units="whole_word")`` with global weights 1 / 1;
+    - ConVIRT (global only): ``local_loss=None`` with global weights 0.75 / 0.25.
+
+    What the local loss reads from the outputs:
+
+    - :class:`GloriaLocalLoss`: the regions ``image_local`` and, as words, ``text_token`` / ``token_mask``
+      (``word_units="token"``) or ``text_word`` / ``word_mask`` (``"whole_word"``: the batch must carry
+      ``word_index``);
+    - :class:`LocalAlignmentLoss`: local, attended and pre-projection features, masks and grid; with
+      ``unit_weights="attention_pooling"`` also ``image_local_weights`` and ``text_sentence_weights``, detached.
 
     Args:
         global_loss: defaults to :class:`GlobalContrastiveLoss` with its defaults.
@@ -32,8 +41,9 @@ class ElvisLoss(nn.Module):
         local_weight: weight of the local term; 0 skips it.
 
     ``forward(outputs)`` takes the dict keyed by :class:`~monai_elvis.keys.OutKeys` and returns a dict of
-    scalars: ``global``, ``local`` (with ``local_region`` and ``local_sentence`` for a
-    :class:`LocalAlignmentLoss`) for the terms that are on, and ``loss``, the weighted total.
+    scalars: ``global``, ``local`` (with the unweighted terms of :meth:`LocalAlignmentLoss.losses` prefixed by
+    ``local_``, such as ``local_region`` and ``local_sentence``, for a :class:`LocalAlignmentLoss`) for the terms
+    that are on, and ``loss``, the weighted total.
     """
 
     def __init__(
@@ -54,10 +64,42 @@ class ElvisLoss(nn.Module):
             raise ValueError("ElvisLoss has no term: set global_weight or give a local_loss with local_weight > 0.")
 
     @staticmethod
-    def _get(outputs: Mapping, key: str) -> torch.Tensor:
+    def _get(outputs: Mapping, key: str, hint: str = "") -> torch.Tensor:
         if key not in outputs:
-            raise KeyError(f"ElvisLoss needs '{key}' in the network outputs; got keys {sorted(outputs)}.")
+            raise KeyError(f"ElvisLoss needs '{key}' in the network outputs{hint}; got keys {sorted(outputs)}.")
         return outputs[key]
+
+    def _gloria(self, o: Mapping) -> torch.Tensor:
+        loss = self.local_loss
+        regions = self._get(o, OutKeys.IMAGE_LOCAL)
+        if loss.word_units == WordUnit.WHOLE_WORD:
+            hint = " for GloriaLocalLoss(word_units='whole_word') (tokenise with TokenizeReportd(word_index=True))"
+            return loss(self._get(o, OutKeys.TEXT_WORD, hint), regions, self._get(o, OutKeys.WORD_MASK, hint))
+        return loss(self._get(o, OutKeys.TEXT_TOKEN), regions, o.get(OutKeys.TOKEN_MASK))
+
+    def _local_alignment(self, o: Mapping) -> dict[str, torch.Tensor]:
+        loss = self.local_loss
+        weights = {}
+        if loss.unit_weights == UnitWeights.ATTENTION_POOLING:
+            hint = " for unit_weights='attention_pooling' (a network that pools its global features by attention)"
+            weights = {
+                "region_weights": self._get(o, OutKeys.IMAGE_LOCAL_WEIGHTS, hint).detach(),
+                "sentence_weights": self._get(o, OutKeys.TEXT_SENTENCE_WEIGHTS, hint).detach(),
+            }
+        terms = loss.losses(
+            image_local=self._get(o, OutKeys.IMAGE_LOCAL),
+            image_attended=self._get(o, OutKeys.IMAGE_LOCAL_ATTENDED),
+            text_local=self._get(o, OutKeys.TEXT_SENTENCE),
+            text_attended=self._get(o, OutKeys.TEXT_SENTENCE_ATTENDED),
+            sentence_mask=o.get(OutKeys.SENTENCE_MASK),
+            image_local_pre=o.get(OutKeys.IMAGE_LOCAL_PRE),
+            text_local_pre=o.get(OutKeys.TEXT_SENTENCE_PRE),
+            grid_size=o.get(OutKeys.IMAGE_GRID),
+            **weights,
+        )
+        out = {f"local_{k}": v for k, v in terms.items()}
+        out["local"] = loss.region_weight * terms["region"] + loss.sentence_weight * terms["sentence"]
+        return out
 
     def forward(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         o, terms = outputs, {}
@@ -67,22 +109,9 @@ class ElvisLoss(nn.Module):
             total = self.global_weight * terms["global"]
         if self.local_loss is not None and self.local_weight != 0:
             if isinstance(self.local_loss, GloriaLocalLoss):
-                terms["local"] = self.local_loss(
-                    self._get(o, OutKeys.TEXT_TOKEN), self._get(o, OutKeys.IMAGE_LOCAL), o.get(OutKeys.TOKEN_MASK)
-                )
+                terms["local"] = self._gloria(o)
             else:
-                region, sentence = self.local_loss.directional_losses(
-                    image_local=self._get(o, OutKeys.IMAGE_LOCAL),
-                    image_attended=self._get(o, OutKeys.IMAGE_LOCAL_ATTENDED),
-                    text_local=self._get(o, OutKeys.TEXT_SENTENCE),
-                    text_attended=self._get(o, OutKeys.TEXT_SENTENCE_ATTENDED),
-                    sentence_mask=o.get(OutKeys.SENTENCE_MASK),
-                    image_local_pre=o.get(OutKeys.IMAGE_LOCAL_PRE),
-                    text_local_pre=o.get(OutKeys.TEXT_SENTENCE_PRE),
-                    grid_size=o.get(OutKeys.IMAGE_GRID),
-                )
-                terms["local_region"], terms["local_sentence"] = region, sentence
-                terms["local"] = self.local_loss.region_weight * region + self.local_loss.sentence_weight * sentence
+                terms.update(self._local_alignment(o))
             local = self.local_weight * terms["local"]
             total = local if total is None else total + local
         terms["loss"] = total

@@ -26,13 +26,17 @@ class GlobalContrastiveLoss(_Loss):
 
     Args:
         temperature: the initial (or fixed) temperature.
-        learnable_temperature: learn ``log(1 / temperature)`` as a parameter (CLIP); it is clamped so that the
-            logit scale stays at most ``max_logit_scale``.
+        learnable_temperature: learn ``log(1 / temperature)`` as a parameter (CLIP). Its value, not the forward
+            pass, is bounded: :meth:`clamp_parameters_` clamps it so that the logit scale is at most
+            ``max_logit_scale`` (as CLIP does after each optimizer step); the training engines call it through
+            :class:`~monai_elvis.engines.ClampParametersHandler`. The forward pass uses the value as it is, so the
+            gradient never vanishes at the bound.
         image_to_text_weight: weight of the image -> report direction.
         text_to_image_weight: weight of the report -> image direction.
-        max_logit_scale: upper bound of ``1 / temperature`` when learnable.
+        max_logit_scale: upper bound of ``1 / temperature`` when learnable (the initial value is clamped too).
 
-    Shapes: ``image [B, d]``, ``text [B, d]`` -> scalar. Computed in float32 (also under autocast).
+    Shapes: ``image [B, d]``, ``text [B, d]`` -> scalar. Computed in float32 (float64 stays float64), also under
+    autocast.
     """
 
     def __init__(
@@ -49,9 +53,13 @@ class GlobalContrastiveLoss(_Loss):
         self.image_to_text_weight = image_to_text_weight
         self.text_to_image_weight = text_to_image_weight
         self.max_logit_scale = max_logit_scale
+        if max_logit_scale <= 0:
+            raise ValueError(f"max_logit_scale must be positive, got {max_logit_scale}.")
+        self.learnable_temperature = learnable_temperature
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learnable_temperature:
             self.log_logit_scale = nn.Parameter(log_scale)
+            self.clamp_parameters_()
         else:
             self.register_buffer("log_logit_scale", log_scale)
 
@@ -60,7 +68,14 @@ class GlobalContrastiveLoss(_Loss):
         return float(1.0 / self.logit_scale().detach())
 
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+        """``1 / temperature`` (``exp`` of the parameter or buffer, not clamped here)."""
+        return self.log_logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_parameters_(self) -> None:
+        """Clamp a learnable ``log(1 / temperature)`` in place to at most ``log(max_logit_scale)``."""
+        if self.learnable_temperature:
+            self.log_logit_scale.clamp_(max=math.log(self.max_logit_scale))
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         check_ndim(image, "image", 2, "[B, d]")
@@ -68,9 +83,10 @@ class GlobalContrastiveLoss(_Loss):
         b = check_batch([("image", image), ("text", text)])
         if image.shape[1] != text.shape[1]:
             raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} differ in embedding size.")
+        dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=image.device.type, enabled=False):
-            v = l2_normalize(image.float(), dim=-1)
-            t = l2_normalize(text.float(), dim=-1)
+            v = l2_normalize(image.to(dtype), dim=-1)
+            t = l2_normalize(text.to(dtype), dim=-1)
             logits = v @ t.T * self.logit_scale()
             target = torch.arange(b, device=image.device)
             loss = self.image_to_text_weight * F.cross_entropy(logits, target)

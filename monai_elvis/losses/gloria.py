@@ -1,33 +1,150 @@
-"""GLoRIA-style word-region attention loss, vectorised over every image-report pair of a batch."""
+"""GLoRIA's word-region attention loss, in the form of its paper or of its released code, vectorised over every
+image-report pair of a batch."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from monai.utils import StrEnum
 from torch.nn.modules.loss import _Loss
 
-from monai_elvis.utils import check_batch, check_mask, check_ndim, zero_padding
+from monai_elvis.utils import check_batch, check_mask, check_ndim, check_option, plain_tensor, zero_padding
 
-__all__ = ["GloriaLocalLoss", "gloria_pair_similarity"]
+__all__ = ["GloriaForm", "WordUnit", "GloriaLocalLoss", "gloria_pair_similarity"]
 
 
-def _word_region_similarity(
-    words: torch.Tensor, regions: torch.Tensor, gram: torch.Tensor | None, attention_scale: float, eps: float
-) -> torch.Tensor:
-    """``cos(c_k, w_k)`` of every word against every image: ``words [K, d]``, ``regions [Bi, N, d]`` -> ``[K, Bi]``."""
-    k, d = words.shape
-    bi, nr, _ = regions.shape
-    # scaled scores attention_scale * s: the scale is applied to the (small) word matrix, not the pair tensor
-    scores = ((words * attention_scale) @ regions.reshape(bi * nr, d).T).view(k, bi, nr)  # [K, Bi, N]
-    attn = torch.softmax(scores, dim=-1)
-    dot = (attn * scores).sum(-1) / attention_scale  # <c_k, w_k>: [K, Bi]
-    attn_i = attn.transpose(0, 1)  # [Bi, K, N]
-    if gram is not None:
-        ctx_sq = (torch.bmm(attn_i, gram) * attn_i).sum(-1)  # a^T G a: [Bi, K]
-    else:
-        ctx_sq = torch.bmm(attn_i, regions).pow(2).sum(-1)
-    ctx_norm = ctx_sq.clamp(min=0).add(eps * eps).sqrt().T  # [K, Bi]
-    return dot / (ctx_norm * words.norm(dim=-1, keepdim=True).clamp(min=eps))
+class GloriaForm(StrEnum):
+    """Which GLoRIA local loss :class:`GloriaLocalLoss` computes.
+
+    - ``"paper"``: the equations of the paper: ``a_kr = softmax_r(gamma1 * s_kr)`` and
+      ``R = log(sum_k exp(gamma2 * z_k)) / gamma2``.
+    - ``"code"``: GLoRIA's released code (``gloria/loss/gloria_loss.py``): ``a_kr = softmax_r(gamma1 *
+      softmax_k(s_kr))`` (a softmax over the report's words for each region first) and
+      ``R = log(sum_k exp(gamma2 * z_k))`` (no ``1 / gamma2``).
+    """
+
+    PAPER = "paper"
+    CODE = "code"
+
+
+class WordUnit(StrEnum):
+    """The "words" that :class:`~monai_elvis.losses.ElvisLoss` gives :class:`GloriaLocalLoss`.
+
+    - ``"token"``: the projected sub-word tokens of the report's sentences (``OutKeys.TEXT_TOKEN``; no [CLS]/[SEP]).
+    - ``"whole_word"``: whole words, as GLoRIA: the sub-word token features of a word summed, with [CLS] as a word
+      of its own and [SEP] left out (``OutKeys.TEXT_WORD``). The batch must carry ``Keys.WORD_INDEX``
+      (``TokenizeReportd(word_index=True)``). GLoRIA's code counts a report's words as those not starting with
+      ``[``, so a report with an ``[UNK]`` word loses its last word(s); that quirk is not reproduced.
+    """
+
+    TOKEN = "token"
+    WHOLE_WORD = "whole_word"
+
+
+class _SymmetricGram(torch.autograd.Function):
+    """``G = V V^T`` per batch item, with the backward ``dV = (dG + dG^T) V`` in one product."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(v)
+        return torch.bmm(v, v.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (v,) = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), v)
+
+
+class _WordRegionContext(torch.autograd.Function):
+    """For every word ``k`` (rows of ``words``, the words of each report contiguous) and image ``i``:
+    ``dot_ki = <c_ki, w_k>`` and ``csq_ki = |c_ki|^2`` of the word's region context ``c_ki = sum_r a_kir v_ir``.
+
+    ``s_kir = <w_k, v_ir>`` for all pairs comes from one matrix product; ``a_kir = softmax_r(scale * x_kir)`` with
+    ``x = softmax over the report's words of s`` (``bounds`` given: GLoRIA's code) or ``x = s`` (the paper).
+    ``<c, w> = sum_r a s`` reuses the scores; ``|c|^2 = a^T G_i a`` with the region Gram matrix ``G_i`` when it is
+    given (fewer regions than channels), else ``|sum_r a v|^2``. The backward is written out, so that only the
+    unavoidable products run: the scores' two, and two of the size of ``a G``.
+
+    Shapes: ``words [K, d]``, ``regions [Bi, N, d]``, ``gram [Bi, N, N]`` or ``None`` -> ``([K, Bi], [K, Bi])``.
+    """
+
+    @staticmethod
+    def forward(ctx, words, regions, gram, bounds, scale):
+        k, d = words.shape
+        bi, nr, _ = regions.shape
+        s = words @ regions.reshape(bi * nr, d).T  # [K, Bi * N]
+        p = None
+        if bounds is not None:  # softmax over the words of each report, for every (image, region)
+            p = torch.empty_like(s)
+            for start, end in bounds:
+                p[start:end] = torch.softmax(s[start:end], dim=0)
+            a = (p * scale).view(k, bi, nr).exp_()  # logits in [0, scale]: no shift needed
+        else:
+            a = (s * scale).view(k, bi, nr)
+            a = a.sub_(a.amax(dim=2, keepdim=True)).exp_()
+        a = a.div_(a.sum(dim=2, keepdim=True))  # softmax over regions, in place: [K, Bi, N]
+        s3 = s.view(k, bi, nr)
+        at = a.transpose(0, 1)  # [Bi, K, N]
+        scratch = torch.empty(k * bi * nr, dtype=s.dtype, device=s.device)
+        dot = torch.mul(a, s3, out=scratch.view(k, bi, nr)).sum(2)  # [K, Bi]
+        if gram is not None:
+            q = torch.bmm(at, gram)  # a G: [Bi, K, N]
+            csq = torch.mul(q, at, out=scratch.view(bi, k, nr)).sum(2).T
+        else:
+            q = torch.bmm(at, regions)  # the contexts c: [Bi, K, d]
+            csq = q.pow(2).sum(2).T
+        ctx.save_for_backward(words, regions, s, p, a, q)
+        ctx.bounds, ctx.scale, ctx.use_gram = bounds, scale, gram is not None
+        return dot, csq
+
+    @staticmethod
+    def backward(ctx, d_dot, d_csq):
+        words, regions, s, p, a, q = ctx.saved_tensors
+        k, bi, nr = a.shape
+        d = words.shape[1]
+        d_dot = d_dot.unsqueeze(2)
+        d_csq = d_csq.T.unsqueeze(2)  # [Bi, K, 1]
+        at = a.transpose(0, 1)
+        da = s.view(k, bi, nr) * d_dot
+        scratch = torch.empty(k * bi * nr, dtype=s.dtype, device=s.device)
+        d_gram = d_regions_ctx = None
+        if ctx.use_gram:  # d|c|^2 / da = 2 G a = 2 q; d|c|^2 / dG = a a^T
+            da.addcmul_(q.transpose(0, 1), d_csq.transpose(0, 1), value=2.0)
+            d_gram = torch.bmm(at.transpose(1, 2), torch.mul(at, d_csq, out=scratch.view(bi, k, nr)))
+        else:  # d|c|^2 / da = 2 V c, d|c|^2 / dV = 2 a c^T
+            gc = q * (2 * d_csq)  # [Bi, K, d]
+            da += torch.bmm(gc, regions.transpose(1, 2)).transpose(0, 1)
+            d_regions_ctx = torch.bmm(at.transpose(1, 2), gc)  # [Bi, N, d]
+        # through the softmax over regions, in place: dx = scale * a * (da - sum_r a da)
+        mean = torch.mul(a, da, out=scratch.view(k, bi, nr)).sum(2, keepdim=True)
+        dx = da.sub_(mean).mul_(a).mul_(ctx.scale).view(k, bi * nr)
+        if ctx.bounds is not None:  # through the softmax over each report's words, in place
+            flat = scratch.view(k, bi * nr)
+            for start, end in ctx.bounds:
+                ps, xs = p[start:end], dx[start:end]
+                xs.sub_(torch.mul(ps, xs, out=flat[start:end]).sum(0, keepdim=True)).mul_(ps)
+        ds = dx
+        ds.view(k, bi, nr).addcmul_(a, d_dot)  # <c, w> = sum_r a s
+        d_words = ds @ regions.reshape(bi * nr, d)
+        d_regions = (ds.T @ words).view(bi, nr, d)
+        if d_regions_ctx is not None:
+            d_regions += d_regions_ctx
+        return d_words, d_regions, d_gram, None, None
+
+
+def _report_chunks(counts: Sequence[int], per_word: int, max_pair_elements: int) -> list[tuple[int, int]]:
+    """Consecutive reports grouped into chunks of at most ``max_pair_elements`` scores (at least one report);
+    returns ``(first report, end report)`` pairs."""
+    chunks, start, size = [], 0, 0
+    for j, c in enumerate(counts):
+        if j > start and (size + c) * per_word > max_pair_elements:
+            chunks.append((start, j))
+            start, size = j, 0
+        size += c
+    chunks.append((start, len(counts)))
+    return chunks
 
 
 def gloria_pair_similarity(
@@ -37,56 +154,90 @@ def gloria_pair_similarity(
     attention_scale: float = 4.0,
     word_scale: float = 5.0,
     eps: float = 1e-8,
-    max_pair_elements: int = 2**20,
+    max_pair_elements: int = 2**22,
+    form: GloriaForm | str = GloriaForm.PAPER,
 ) -> torch.Tensor:
     """Local similarity ``R(report_j, image_i)`` of every pair.
 
-    For words ``w_k`` of report ``j`` and regions ``v_r`` of image ``i``: ``s_kr = <w_k, v_r>``,
-    ``a_kr = softmax_r(attention_scale * s_kr)``, the word's region context ``c_k = sum_r a_kr v_r``,
-    ``z_k = cos(c_k, w_k)`` and ``R = log(sum_k exp(word_scale * z_k)) / word_scale`` over the valid words.
+    For words ``w_k`` of report ``j`` and regions ``v_r`` of image ``i``: ``s_kr = <w_k, v_r>``; the attention
+    ``a_kr = softmax_r(attention_scale * s_kr)`` (``form="paper"``) or
+    ``a_kr = softmax_r(attention_scale * softmax_k(s_kr))`` with the inner softmax over the report's valid words
+    (``form="code"``); the word's region context ``c_k = sum_r a_kr v_r``; ``z_k = cos(c_k, w_k)``; and
+    ``R = log(sum_k exp(word_scale * z_k)) / word_scale`` (paper) or ``R = log(sum_k exp(word_scale * z_k))``
+    (code), over the valid words. The paper's cosine is ``<c, w> / (sqrt(|c|^2 + eps^2) max(|w|, eps))``, the
+    code's ``<c, w> / max(|c| |w|, eps)``.
 
-    Every real word of the batch is scored against every image at once (padded words are not scored);
-    ``<c_k, w_k> = sum_r a_kr s_kr`` reuses the scores and ``|c_k|^2 = a_k^T (V V^T) a_k`` uses the region Gram
-    matrix when there are fewer regions than channels, so ``c_k`` is never materialised. The words are taken
-    in chunks of at most ``max_pair_elements`` word-region scores, so that the pair tensors stay in cache.
+    Every real word of the batch is scored against every image in one matrix product (padded words are not
+    scored) and ``c_k`` is never materialised (see :class:`_WordRegionContext`). Reports are taken in chunks of at
+    most ``max_pair_elements`` word-region scores.
 
     Shapes: ``words [Bt, T, d]``, ``regions [Bi, N, d]``, ``word_mask [Bt, T]`` -> ``[Bi, Bt]``.
     """
+    form = check_option(form, GloriaForm, "form")
     bt, nt, d = words.shape
     bi, nr, _ = regions.shape
-    flat = words.reshape(bt * nt, d) if word_mask is None else words[word_mask]  # [K, d]
-    gram = torch.bmm(regions, regions.transpose(1, 2)) if nr <= d else None  # [Bi, N, N]
-    chunk = max(1, max_pair_elements // (bi * nr))
-    z = torch.cat(
-        [_word_region_similarity(flat[i : i + chunk], regions, gram, attention_scale, eps)
-         for i in range(0, flat.shape[0], chunk)]
-    ) * word_scale  # [K, Bi]
-    if word_mask is None:
-        z_all = z.view(bt, nt, bi)
+    mask = torch.ones(bt, nt, dtype=torch.bool, device=words.device) if word_mask is None else word_mask
+    flat = words[mask]  # [K, d], the words of each report contiguous
+    counts = mask.sum(1).tolist()
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    gram = _SymmetricGram.apply(regions) if nr <= d else None
+    dots, csqs = [], []
+    for first, end in _report_chunks(counts, bi * nr, max_pair_elements):
+        lo = offsets[first]
+        bounds = None
+        if form == GloriaForm.CODE:
+            bounds = tuple((offsets[j] - lo, offsets[j + 1] - lo) for j in range(first, end) if counts[j])
+        dot, csq = _WordRegionContext.apply(flat[lo : offsets[end]], regions, gram, bounds, float(attention_scale))
+        dots.append(dot)
+        csqs.append(csq)
+    dot, csq = torch.cat(dots), torch.cat(csqs)  # [K, Bi]
+    word_norm = flat.norm(dim=1, keepdim=True)
+    if form == GloriaForm.CODE:
+        z = dot / (csq.clamp_min(eps * eps).sqrt() * word_norm).clamp_min(eps)
     else:
-        z_all = z.new_full((bt, nt, bi), float("-inf")).index_put((word_mask,), z)
-    return (torch.logsumexp(z_all, dim=1) / word_scale).T  # [Bi, Bt]
+        z = dot / ((csq.clamp_min(0) + eps * eps).sqrt() * word_norm.clamp_min(eps))
+    z_all = z.new_full((bt, nt, bi), float("-inf")).index_put((mask,), z * word_scale)
+    r = torch.logsumexp(z_all, dim=1).T  # [Bi, Bt]
+    return r / word_scale if form == GloriaForm.PAPER else r
 
 
 class GloriaLocalLoss(_Loss):
     """GLoRIA's local loss: word-region attention, log-sum-exp aggregation over words, batch-level contrast.
 
-    ``logits_ij = similarity_scale * R(report_j, image_i)`` (:func:`gloria_pair_similarity`), then the symmetric
-    cross-entropy with the matching pairs on the diagonal, like the global loss.
+    ``logits_ij = similarity_scale * R(report_j, image_i)`` (:func:`gloria_pair_similarity`) and
+    ``loss = image_to_text_weight * CE(logits, diag) + text_to_image_weight * CE(logits^T, diag)``, each
+    cross-entropy averaged over the batch.
 
-    This follows the equations of the GLoRIA paper (Huang et al., "GLoRIA: A Multimodal Global-Local
-    Representation Learning Framework for Label-efficient Medical Image Recognition", ICCV 2021) with its
-    default scales (4, 5, 10); the extra softmax over words in the published code is not reproduced.
+    Reference: Huang et al., "GLoRIA: A Multimodal Global-Local Representation Learning Framework for
+    Label-efficient Medical Image Recognition", ICCV 2021, and its released code (github.com/marshuang80/gloria).
+
+    ``form`` selects what is computed (:class:`GloriaForm`):
+
+    - ``"paper"`` (default, this class's behaviour before the form existed): the paper's equations, a single
+      softmax over regions and ``R = log(sum exp(gamma2 z))^(1 / gamma2)``; directions weighted 0.5 / 0.5 unless
+      given.
+    - ``"code"``: what GLoRIA's released code computes (``local_loss`` in ``gloria/loss/gloria_loss.py``): for each
+      region, a softmax over the report's words first, then ``softmax_r(gamma1 * .)`` (attention logits bounded in
+      ``[0, gamma1]``); no ``1 / gamma2``, so the batch logits are ``gamma2`` times sharper; the two directions
+      summed (weights 1 / 1 unless given). With ``word_units="whole_word"`` the words are GLoRIA's: whole words
+      with [CLS]. Remaining differences from GLoRIA's training: its words are sums of the last four BERT layers
+      without a projection (here: the network's projected text features, see :class:`~monai_elvis.networks.ElvisNet`),
+      and its reports are stripped of punctuation before tokenisation.
 
     Args:
-        attention_scale: ``1 / tau_1`` of the word-over-regions softmax.
-        word_scale: ``tau_2`` of the log-sum-exp over words.
-        similarity_scale: ``1 / tau_3`` of the batch contrast.
-        image_to_text_weight: weight of the image -> report direction.
-        text_to_image_weight: weight of the report -> image direction.
+        attention_scale: ``gamma1`` (``1 / tau_1``) of the softmax over regions.
+        word_scale: ``gamma2`` of the log-sum-exp over words.
+        similarity_scale: ``gamma3`` (``1 / tau_3``) of the batch contrast.
+        image_to_text_weight: weight of the image -> report direction; ``None``: 0.5 (paper) or 1 (code).
+        text_to_image_weight: weight of the report -> image direction; ``None``: 0.5 (paper) or 1 (code).
+        form: ``"paper"`` or ``"code"`` (:class:`GloriaForm`).
+        word_units: ``"token"`` or ``"whole_word"`` (:class:`WordUnit`): which features
+            :class:`~monai_elvis.losses.ElvisLoss` passes as words. ``forward`` itself takes any words.
 
     Shapes: ``words [B, T, d]``, ``regions [B, N, d]``, ``word_mask [B, T]`` (True = real word; optional) -> scalar.
-    Computed in float32, also under autocast.
+    Computed in float32 (float64 stays float64), also under autocast.
     """
 
     def __init__(
@@ -94,15 +245,28 @@ class GloriaLocalLoss(_Loss):
         attention_scale: float = 4.0,
         word_scale: float = 5.0,
         similarity_scale: float = 10.0,
-        image_to_text_weight: float = 0.5,
-        text_to_image_weight: float = 0.5,
+        image_to_text_weight: float | None = None,
+        text_to_image_weight: float | None = None,
+        form: GloriaForm | str = GloriaForm.PAPER,
+        word_units: WordUnit | str = WordUnit.TOKEN,
     ) -> None:
         super().__init__()
+        for name, value in (("attention_scale", attention_scale), ("word_scale", word_scale),
+                            ("similarity_scale", similarity_scale)):  # fmt: skip
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        self.form = check_option(form, GloriaForm, "form")
+        self.word_units = check_option(word_units, WordUnit, "word_units")
+        default = 1.0 if self.form == GloriaForm.CODE else 0.5
         self.attention_scale = attention_scale
         self.word_scale = word_scale
         self.similarity_scale = similarity_scale
-        self.image_to_text_weight = image_to_text_weight
-        self.text_to_image_weight = text_to_image_weight
+        self.image_to_text_weight = default if image_to_text_weight is None else image_to_text_weight
+        self.text_to_image_weight = default if text_to_image_weight is None else text_to_image_weight
+
+    def similarity(self, words: torch.Tensor, regions: torch.Tensor, word_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``R(report_j, image_i)`` of this loss's form: ``[B_image, B_report]`` (inputs as :meth:`forward`)."""
+        return gloria_pair_similarity(words, regions, word_mask, self.attention_scale, self.word_scale, form=self.form)
 
     def forward(self, words: torch.Tensor, regions: torch.Tensor, word_mask: torch.Tensor | None = None) -> torch.Tensor:
         check_ndim(words, "words", 3, "[B, T, d]")
@@ -111,10 +275,11 @@ class GloriaLocalLoss(_Loss):
         if words.shape[2] != regions.shape[2]:
             raise ValueError(f"words {tuple(words.shape)} and regions {tuple(regions.shape)} differ in size d.")
         mask = None if word_mask is None else check_mask(word_mask, "word_mask", words.shape[:2], "word")
+        dtype = torch.float64 if words.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=words.device.type, enabled=False):
-            w = zero_padding(words.float(), mask)
-            sim = gloria_pair_similarity(w, regions.float(), mask, self.attention_scale, self.word_scale)
-            logits = sim * self.similarity_scale  # [B_image, B_text]
+            w = zero_padding(plain_tensor(words).to(dtype), mask)
+            regions = plain_tensor(regions).to(dtype)
+            logits = self.similarity(w, regions, mask) * self.similarity_scale  # [B_image, B_text]
             target = torch.arange(b, device=words.device)
             loss = self.image_to_text_weight * F.cross_entropy(logits, target)
             return loss + self.text_to_image_weight * F.cross_entropy(logits.T, target)

@@ -1,10 +1,10 @@
 """Networks of monai-elvis: encoders, projection heads, cross-modal attention and :class:`ElvisNet`, and the segmentation :class:`ElvisUNet`."""
 
 from monai_elvis.networks.elvis_net import ElvisNet
-from monai_elvis.networks.heads import CrossModalAttention, ProjectionHead
+from monai_elvis.networks.heads import AttentionPooling, CrossModalAttention, ProjectionHead
 from monai_elvis.networks.image_encoder import RESNET_ARCHS, CXRImageEncoder
 from monai_elvis.networks.segmentation import ElvisUNet
-from monai_elvis.networks.text_encoder import TINY_BERT_CONFIG, ReportTextEncoder, pool_sentences
+from monai_elvis.networks.text_encoder import TINY_BERT_CONFIG, ReportTextEncoder, pool_sentences, pool_words
 
 __all__ = [
     "CXRImageEncoder",
@@ -12,8 +12,10 @@ __all__ = [
     "ReportTextEncoder",
     "TINY_BERT_CONFIG",
     "pool_sentences",
+    "pool_words",
     "ProjectionHead",
     "CrossModalAttention",
+    "AttentionPooling",
     "ElvisNet",
     "ElvisUNet",
 ]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from monai_elvis.keys import OutKeys
-from monai_elvis.networks.heads import CrossModalAttention, ProjectionHead
+from monai_elvis.networks.heads import AttentionPooling, CrossModalAttention, ProjectionHead
 from monai_elvis.networks.image_encoder import CXRImageEncoder
 from monai_elvis.networks.text_encoder import ReportTextEncoder
 
@@ -29,11 +29,20 @@ class ElvisNet(nn.Module):
             what the global alignment learnt about its content (with mean-pooled global features and a
             linear head, exactly the region's share of the image-report similarity, as in class activation
             maps). Both heads' names stay in the state dict, holding the same tensors.
+        global_pooling: ``"encoder"`` (the encoders' own global features: the image encoder's pooling, the text
+            encoder's [CLS]) or ``"attention"`` (LoVT's: :class:`AttentionPooling` over the image's regions and over
+            the report's sentences, before projection; the pooling weights are returned as
+            ``image_local_weights`` and ``text_sentence_weights``, for ``LocalAlignmentLoss(unit_weights=
+            "attention_pooling")``).
+        pooling_heads: heads of the attention pooling.
 
     ``forward(image [B, c, H, W], input_ids [B, L], attention_mask [B, L], sentence_index [B, L])`` returns a dict
     keyed by :class:`~monai_elvis.keys.OutKeys`: pre- and post-projection global and local features of both
     modalities, the token and sentence masks, the region grid size and the cross-attended features
-    ``v'_i`` (regions attending to sentences) and ``t'_k`` (sentences attending to regions).
+    ``v'_i`` (regions attending to sentences) and ``t'_k`` (sentences attending to regions). With the optional
+    ``word_index [B, L]`` it also returns whole words (GLoRIA's): ``text_word_pre`` (token features summed per
+    word, :func:`~monai_elvis.networks.text_encoder.pool_words`), ``text_word`` (projected by the local text
+    head) and ``word_mask``.
     """
 
     def __init__(
@@ -44,8 +53,13 @@ class ElvisNet(nn.Module):
         projection_layers: int = 2,
         attention_temperature: float | None = None,
         shared_projection: bool = False,
+        global_pooling: str = "encoder",
+        pooling_heads: int = 8,
     ) -> None:
         super().__init__()
+        if global_pooling not in ("encoder", "attention"):
+            raise ValueError(f"global_pooling must be 'encoder' or 'attention', got {global_pooling!r}.")
+        self.global_pooling = global_pooling
         self.image_encoder = image_encoder if image_encoder is not None else CXRImageEncoder("resnet18", 1, 0.125)
         self.text_encoder = text_encoder if text_encoder is not None else ReportTextEncoder()
         c = int(getattr(self.image_encoder, "out_channels"))
@@ -60,6 +74,9 @@ class ElvisNet(nn.Module):
             self.image_global_head = ProjectionHead(c, embed_dim, num_layers=projection_layers)
             self.text_global_head = ProjectionHead(dt, embed_dim, num_layers=projection_layers)
         self.attention = CrossModalAttention(attention_temperature)
+        if global_pooling == "attention":
+            self.image_pooling = AttentionPooling(c, pooling_heads)
+            self.text_pooling = AttentionPooling(dt, pooling_heads)
 
     def encode_image(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image half of :meth:`forward`: region and global features, before and after projection."""
@@ -68,20 +85,36 @@ class ElvisNet(nn.Module):
         else:
             local, global_ = self.image_encoder(image)
             grid = None
-        return {
+        weights = None
+        if self.global_pooling == "attention":
+            global_, weights = self.image_pooling(local)
+        out = {
             OutKeys.IMAGE_LOCAL_PRE: local,
             OutKeys.IMAGE_GLOBAL_PRE: global_,
             OutKeys.IMAGE_LOCAL: self.image_local_head(local),
             OutKeys.IMAGE_GLOBAL: self.image_global_head(global_),
             OutKeys.IMAGE_GRID: grid,
         }
+        if weights is not None:
+            out[OutKeys.IMAGE_LOCAL_WEIGHTS] = weights
+        return out
 
     def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sentence_index: torch.Tensor,
+        word_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Text half of :meth:`forward`: token, sentence and global features, before and after projection."""
-        t = self.text_encoder(input_ids, attention_mask, sentence_index)
-        return {
+        """Text half of :meth:`forward`: token, sentence, global (and whole-word) features, before and after
+        projection."""
+        if word_index is None:
+            t = self.text_encoder(input_ids, attention_mask, sentence_index)
+        else:
+            t = self.text_encoder(input_ids, attention_mask, sentence_index, word_index=word_index)
+        if self.global_pooling == "attention":
+            t["global"], weights = self.text_pooling(t["sentence"], t["sentence_mask"])
+        out = {
             OutKeys.TEXT_TOKEN_PRE: t["token"],
             OutKeys.TEXT_SENTENCE_PRE: t["sentence"],
             OutKeys.TEXT_GLOBAL_PRE: t["global"],
@@ -91,6 +124,13 @@ class ElvisNet(nn.Module):
             OutKeys.TOKEN_MASK: t["token_mask"],
             OutKeys.SENTENCE_MASK: t["sentence_mask"],
         }
+        if self.global_pooling == "attention":
+            out[OutKeys.TEXT_SENTENCE_WEIGHTS] = weights
+        if "word" in t:
+            out[OutKeys.TEXT_WORD_PRE] = t["word"]
+            out[OutKeys.TEXT_WORD] = self.text_local_head(t["word"])
+            out[OutKeys.WORD_MASK] = t["word_mask"]
+        return out
 
     def forward(
         self,
@@ -98,13 +138,14 @@ class ElvisNet(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         sentence_index: torch.Tensor,
+        word_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         if image.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"image {tuple(image.shape)} and input_ids {tuple(input_ids.shape)} have different batch sizes."
             )
         out = self.encode_image(image)
-        out.update(self.encode_text(input_ids, attention_mask, sentence_index))
+        out.update(self.encode_text(input_ids, attention_mask, sentence_index, word_index))
         out[OutKeys.IMAGE_LOCAL_ATTENDED], _ = self.attention(
             out[OutKeys.IMAGE_LOCAL], out[OutKeys.TEXT_SENTENCE], out[OutKeys.SENTENCE_MASK]
         )

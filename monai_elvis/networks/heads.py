@@ -9,7 +9,7 @@ from torch import nn
 
 from monai_elvis.utils import check_ndim, zero_padding
 
-__all__ = ["ProjectionHead", "CrossModalAttention"]
+__all__ = ["ProjectionHead", "CrossModalAttention", "AttentionPooling"]
 
 
 class ProjectionHead(nn.Module):
@@ -76,3 +76,39 @@ class CrossModalAttention(nn.Module):
             scores = scores.masked_fill(~key_mask.bool().unsqueeze(1), float("-inf"))
         weights = torch.softmax(scores.float(), dim=-1).to(key.dtype)
         return torch.bmm(weights, key), weights
+
+
+class AttentionPooling(nn.Module):
+    """Global feature by attention over the local features, as LoVT pools regions and sentences
+    (its ``avgpool_attention`` aggregator).
+
+    The masked mean of the local features is the query of a multi-head attention (``nn.MultiheadAttention``, with
+    its learned projections) over the local features; the attention weights, averaged over the heads, are returned
+    too: LoVT weights its local losses by them.
+
+    Args:
+        dim: feature size ``D`` (divisible by ``num_heads``).
+        num_heads: attention heads (LoVT: 8).
+
+    Shapes: ``x [B, M, D]``, ``mask [B, M]`` (True = valid, optional) -> ``(pooled [B, D], weights [B, M])``;
+    the weights of a sample sum to 1 over its valid units and are 0 on padding.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}.")
+        self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        check_ndim(x, "x", 3, "[B, M, D]")
+        if mask is None:
+            query = x.mean(dim=1, keepdim=True)
+            padding = None
+        else:
+            mask = mask.bool()
+            x = zero_padding(x, mask)
+            query = x.sum(dim=1, keepdim=True) / mask.sum(dim=1).clamp(min=1).view(-1, 1, 1).to(x.dtype)
+            padding = ~mask
+        pooled, weights = self.attention(query, x, x, key_padding_mask=padding, need_weights=True)
+        return pooled.squeeze(1), weights.squeeze(1)

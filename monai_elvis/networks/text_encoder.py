@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from monai_elvis.utils import check_ndim
 
-__all__ = ["ReportTextEncoder", "TINY_BERT_CONFIG", "pool_sentences"]
+__all__ = ["ReportTextEncoder", "TINY_BERT_CONFIG", "pool_sentences", "pool_words"]
 
 # A BERT small enough for tests and CPU runs; built from this config, nothing is downloaded.
 TINY_BERT_CONFIG: dict[str, Any] = {
@@ -49,6 +49,33 @@ def pool_sentences(
     return sentences, counts > 0
 
 
+def pool_words(
+    tokens: torch.Tensor, attention_mask: torch.Tensor, word_index: torch.Tensor, num_words: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the token features of each whole word, as GLoRIA aggregates sub-word tokens.
+
+    Args:
+        tokens: ``[B, L, D]`` token features.
+        attention_mask: ``[B, L]``, 1 for real tokens.
+        word_index: ``[B, L]`` long, the word (0 = [CLS], 1, 2, ...) each token belongs to; ``-1`` for tokens in no
+            word (see :class:`~monai_elvis.transforms.TokenizeReport` with ``word_index=True``).
+        num_words: ``W``; by default ``max(word_index) + 1`` over the batch (at least 1).
+
+    Returns:
+        ``(words [B, W, D], word_mask [B, W] bool)``; a word with no token is all zeros and masked.
+    """
+    if num_words is None:
+        num_words = max(int(word_index.max()) + 1, 1) if word_index.numel() else 1
+    valid = (word_index >= 0) & attention_mask.bool()
+    b, _, d = tokens.shape
+    index = torch.where(valid, word_index, torch.full_like(word_index, num_words))  # invalid -> a spare slot
+    words = tokens.new_zeros(b, num_words + 1, d).scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, d), tokens)
+    counts = torch.zeros(b, num_words + 1, dtype=torch.long, device=tokens.device).scatter_add_(
+        1, index, valid.long()
+    )
+    return words[:, :num_words], counts[:, :num_words] > 0
+
+
 class ReportTextEncoder(nn.Module):
     """A transformers encoder returning token, sentence and global features of a report.
 
@@ -66,7 +93,8 @@ class ReportTextEncoder(nn.Module):
     Shapes:
         ``input_ids``, ``attention_mask``, ``sentence_index``: ``[B, L]``. Returns a dict with
         ``token`` ``[B, L, D]``, ``token_mask`` ``[B, L]`` (tokens in a sentence), ``sentence`` ``[B, S, D]``,
-        ``sentence_mask`` ``[B, S]`` and ``global`` ``[B, D]``, where ``D`` = :attr:`hidden_size`.
+        ``sentence_mask`` ``[B, S]`` and ``global`` ``[B, D]``, where ``D`` = :attr:`hidden_size`. With the
+        optional ``word_index`` ``[B, L]`` also ``word`` ``[B, W, D]`` (:func:`pool_words`) and ``word_mask``.
     """
 
     def __init__(
@@ -108,7 +136,11 @@ class ReportTextEncoder(nn.Module):
         self.model.save_pretrained(os.fspath(path))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sentence_index: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sentence_index: torch.Tensor,
+        word_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("sentence_index", sentence_index)):
             check_ndim(t, name, 2, "[B, L]")
@@ -125,10 +157,17 @@ class ReportTextEncoder(nn.Module):
         else:
             w = token_mask.to(tokens.dtype)
             global_ = (tokens * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
-        return {
+        out = {
             "token": tokens,
             "token_mask": token_mask,
             "sentence": sentences,
             "sentence_mask": sentence_mask,
             "global": global_,
         }
+        if word_index is not None:
+            if word_index.shape != input_ids.shape:
+                raise ValueError(
+                    f"word_index {tuple(word_index.shape)} must have the shape {tuple(input_ids.shape)} of input_ids."
+                )
+            out["word"], out["word_mask"] = pool_words(tokens, attention_mask, word_index)
+        return out

@@ -247,21 +247,29 @@ class TokenizeReport(Transform):
     Padding is left to the collate function (:func:`monai_elvis.data.collate_reports`) unless
     ``pad_to_max_length``.
 
+    With ``word_index``, a fourth tensor ``word_index`` numbers the whole words, as GLoRIA groups sub-word tokens:
+    ``0`` for [CLS], ``1, 2, ...`` for the words in order (every token of a word, e.g. ``pneum ##othorax``, has the
+    word's number; a word never spans two sentences) and ``-1`` for [SEP] and padding. Word boundaries come from
+    the tokenizer's ``word_ids`` (fast tokenizers), else from WordPiece's ``##`` continuation prefix.
+
     Args:
         tokenizer: any transformers tokenizer, or a folder / hub name for ``AutoTokenizer``.
         max_length: total length including the special tokens.
-        pad_to_max_length: pad every output to ``max_length`` (ids with the pad id, mask 0, index -1).
+        pad_to_max_length: pad every output to ``max_length`` (ids with the pad id, mask 0, indices -1).
+        word_index: also return ``word_index`` (for GLoRIA's whole words, ``GloriaLocalLoss(word_units="whole_word")``).
 
-    Input: a list of sentences (or one string, taken as a single sentence). Output: a dict of three
-    ``torch.long`` tensors of shape ``[L]``.
+    Input: a list of sentences (or one string, taken as a single sentence). Output: a dict of three (four with
+    ``word_index``) ``torch.long`` tensors of shape ``[L]``.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 128, pad_to_max_length: bool = False) -> None:
+    def __init__(self, tokenizer: Any, max_length: int = 128, pad_to_max_length: bool = False,
+                 word_index: bool = False) -> None:  # fmt: skip
         self.tokenizer = load_tokenizer(tokenizer)
         if max_length < 3:
             raise ValueError(f"max_length must be at least 3, got {max_length}.")
         self.max_length = max_length
         self.pad_to_max_length = pad_to_max_length
+        self.word_index = word_index
         tok = self.tokenizer
         self.cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
         self.sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
@@ -275,9 +283,10 @@ class TokenizeReport(Transform):
         sentences = [s for s in sentences if s and s.strip()]
         if not sentences:
             raise ReportError("cannot tokenise a report with no sentence.")
-        pieces = self.tokenizer(list(sentences), add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer(list(sentences), add_special_tokens=False)
+        pieces = encoded["input_ids"]
         budget = self.max_length - 2
-        ids, index = [self.cls_id], [-1]
+        ids, index, words = [self.cls_id], [-1], [0]
         for k, piece in enumerate(pieces):
             if not piece:
                 continue
@@ -286,10 +295,15 @@ class TokenizeReport(Transform):
                     piece = piece[:budget]
                 else:
                     break
+            if self.word_index:
+                starts = self._word_starts(encoded, k, piece)
+                for start in starts:
+                    words.append(words[-1] + 1 if start else words[-1])
             ids += piece
             index += [k] * len(piece)
         ids.append(self.sep_id)
         index.append(-1)
+        words.append(-1)
         # renumber so that the sentence indices are 0..S-1 without gaps (empty pieces are skipped)
         kept = sorted({i for i in index if i >= 0})
         remap = {old: new for new, old in enumerate(kept)}
@@ -297,12 +311,25 @@ class TokenizeReport(Transform):
         mask = [1] * len(ids)
         if self.pad_to_max_length:
             pad = self.max_length - len(ids)
-            ids, mask, index = ids + [self.pad_id] * pad, mask + [0] * pad, index + [-1] * pad
-        return {
+            ids, mask, index, words = ids + [self.pad_id] * pad, mask + [0] * pad, index + [-1] * pad, words + [-1] * pad
+        out = {
             Keys.INPUT_IDS: torch.tensor(ids, dtype=torch.long),
             Keys.ATTENTION_MASK: torch.tensor(mask, dtype=torch.long),
             Keys.SENTENCE_INDEX: torch.tensor(index, dtype=torch.long),
         }
+        if self.word_index:
+            out[Keys.WORD_INDEX] = torch.tensor(words, dtype=torch.long)
+        return out
+
+    def _word_starts(self, encoded: Any, k: int, piece: list[int]) -> list[bool]:
+        """Whether each token of sentence ``k`` (``piece``, possibly cut) starts a new word."""
+        word_ids = None
+        if getattr(encoded, "is_fast", False):
+            word_ids = encoded.word_ids(k)[: len(piece)]
+        if word_ids is not None and None not in word_ids:
+            return [t == 0 or word_ids[t] != word_ids[t - 1] for t in range(len(piece))]
+        tokens = self.tokenizer.convert_ids_to_tokens(piece)
+        return [t == 0 or not str(tok).startswith("##") for t, tok in enumerate(tokens)]
 
 
 def train_wordpiece_tokenizer(
@@ -412,14 +439,15 @@ class RandDropSentencesd(_RandReportMapTransform):
 
 class TokenizeReportd(MapTransform):
     """Dictionary form of :class:`TokenizeReport`: reads the sentences under ``keys`` (default ``report``) and
-    adds ``input_ids``, ``attention_mask`` and ``sentence_index`` (the report itself is kept)."""
+    adds ``input_ids``, ``attention_mask`` and ``sentence_index`` (and ``word_index`` with ``word_index=True``;
+    the report itself is kept)."""
 
     def __init__(self, keys: KeysCollection = Keys.REPORT, tokenizer: Any = None, max_length: int = 128,
-                 pad_to_max_length: bool = False, allow_missing_keys: bool = False) -> None:
+                 pad_to_max_length: bool = False, allow_missing_keys: bool = False, word_index: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if tokenizer is None:
             raise ValueError("TokenizeReportd needs a tokenizer (an object, a folder or a hub name).")
-        self.transform = TokenizeReport(tokenizer, max_length, pad_to_max_length)
+        self.transform = TokenizeReport(tokenizer, max_length, pad_to_max_length, word_index)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
