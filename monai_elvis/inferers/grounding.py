@@ -19,15 +19,20 @@ TEXT_META_KEYS = (Keys.INPUT_IDS, Keys.ATTENTION_MASK, Keys.SENTENCE_INDEX)
 
 
 def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = None, normalize: bool = True,
-                          sigma: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """Cosine similarity between each projected region ``v_i`` and the first sentence ``t_0`` (the phrase), as a
-    ``[B, 1, h, w]`` map from the output dict of :class:`~monai_elvis.networks.ElvisNet`.
+                          sigma: float = 0.0, text_feature: str = "sentence") -> torch.Tensor:  # fmt: skip
+    """Cosine similarity between each projected region ``v_i`` and the phrase, as a ``[B, 1, h, w]`` map from the
+    output dict of :class:`~monai_elvis.networks.ElvisNet`. The phrase is its first sentence's projected feature
+    ``t_0`` (``text_feature="sentence"``) or its projected global feature ``t`` (``"global"``: the text
+    encoder's [CLS], the feature the global alignment trains).
 
     It is bilinearly upsampled to ``size`` when given, then smoothed by a Gaussian of standard deviation ``sigma``
     pixels (of that size; 0: none), then min-max scaled per image to ``[0, 1]`` when ``normalize``.
     """
     regions = l2_normalize(out[OutKeys.IMAGE_LOCAL].float())  # [B, N, d]
-    phrase = l2_normalize(out[OutKeys.TEXT_SENTENCE][:, 0].float())  # [B, d]
+    if text_feature not in ("sentence", "global"):
+        raise ValueError(f"text_feature must be 'sentence' or 'global', got {text_feature!r}.")
+    text = out[OutKeys.TEXT_SENTENCE][:, 0] if text_feature == "sentence" else out[OutKeys.TEXT_GLOBAL]
+    phrase = l2_normalize(text.float())  # [B, d]
     sim = torch.einsum("bnd,bd->bn", regions, phrase)
     grid = out.get(OutKeys.IMAGE_GRID)
     if grid is None:
@@ -57,18 +62,20 @@ class PhraseGroundingInferer(Inferer):
     Args:
         normalize: min-max scale each map to ``[0, 1]``.
         sigma: Gaussian smoothing of the upsampled map, in pixels of the network input (0: none).
+        text_feature: the phrase's ``"sentence"`` or ``"global"`` feature (see :func:`region_similarity_map`).
     """
 
-    def __init__(self, normalize: bool = True, sigma: float = 0.0) -> None:
+    def __init__(self, normalize: bool = True, sigma: float = 0.0, text_feature: str = "sentence") -> None:
         super().__init__()
         self.normalize = normalize
         self.sigma = float(sigma)
+        self.text_feature = text_feature
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not args and not kwargs:
             kwargs = self._text_from_meta(inputs)
         out = network(inputs, *args, **kwargs)
-        return region_similarity_map(out, tuple(inputs.shape[-2:]), self.normalize, self.sigma)
+        return region_similarity_map(out, tuple(inputs.shape[-2:]), self.normalize, self.sigma, self.text_feature)
 
     @staticmethod
     def _text_from_meta(inputs: torch.Tensor) -> dict[str, torch.Tensor]:

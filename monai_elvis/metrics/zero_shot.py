@@ -239,15 +239,20 @@ class PhraseSensitivityMetric(_PromptMetric):
         embed: a :data:`TextEmbedder` (the projected first-sentence embedding is used, as the grounding
             inferer does).
         phrases: ``(phrase, side)`` pairs, side ``"left"``, ``"right"`` or ``""`` (default :data:`SIDE_PHRASES`).
+        text_feature: the phrase embedding, ``"sentence"`` or ``"global"``, as the grounding inferer uses.
     """
 
     chance = 1.0  # a map that ignores the phrase
 
-    def __init__(self, embed: TextEmbedder, phrases: Sequence[tuple[str, str]] = SIDE_PHRASES) -> None:
+    def __init__(self, embed: TextEmbedder, phrases: Sequence[tuple[str, str]] = SIDE_PHRASES,
+                 text_feature: str = "sentence") -> None:  # fmt: skip
         super().__init__(embed)
         self.phrases = [(str(p), str(s)) for p, s in phrases]
         if len(self.phrases) < 2:
             raise ValueError("PhraseSensitivityMetric needs at least 2 phrases.")
+        if text_feature not in ("sentence", "global"):
+            raise ValueError(f"text_feature must be 'sentence' or 'global', got {text_feature!r}.")
+        self.text_feature = text_feature
         bad = [s for _, s in self.phrases if s not in ("left", "right", "")]
         if bad:
             raise ValueError(f"phrase sides must be 'left', 'right' or '', got {bad}.")
@@ -259,7 +264,7 @@ class PhraseSensitivityMetric(_PromptMetric):
     def maps(self) -> torch.Tensor:
         """``[B, P, N]`` cosine similarity of every accumulated image's regions to every phrase."""
         (regions,) = self._data()
-        text = l2_normalize(self.embed([p for p, _ in self.phrases])["sentence"].float()).to(regions.device)
+        text = l2_normalize(self.embed([p for p, _ in self.phrases])[self.text_feature].float()).to(regions.device)
         return torch.einsum("bnd,pd->bpn", l2_normalize(regions), text)
 
     def aggregate(self) -> torch.Tensor:

@@ -46,6 +46,9 @@ class CXRImageEncoder(nn.Module):
         state_dict_prefix: a prefix to strip from the keys of ``pretrained_path`` first, e.g.
             ``"image_encoder."`` for a checkpoint of :class:`~monai_elvis.networks.ElvisNet`.
         output_stride: 32 (default), 16 or 8: the input pixels per region of the grid.
+        global_pool: how the global feature pools the regions: ``"avg"`` (default) or ``"max"`` (per channel). With
+            max pooling a feature counts only where it is present, so an image-level alignment learns from
+            the regions that show a finding rather than from the absence of normal features elsewhere.
 
     Shapes:
         input ``[B, in_channels, H, W]`` -> ``(local [B, N, C], global [B, C])`` with ``N = h * w`` the region grid
@@ -61,6 +64,7 @@ class CXRImageEncoder(nn.Module):
         pretrained_path: str | os.PathLike | None = None,
         state_dict_prefix: str = "",
         output_stride: int = 32,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         if arch not in RESNET_ARCHS:
@@ -81,6 +85,9 @@ class CXRImageEncoder(nn.Module):
             widen_factor=widen_factor,
             feed_forward=False,
         )
+        if global_pool not in ("avg", "max"):
+            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}.")
+        self.global_pool = global_pool
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}.")
         self.output_stride = output_stride
@@ -138,7 +145,8 @@ class CXRImageEncoder(nn.Module):
         h, w = fmap.shape[-2:]
         local = fmap.flatten(2).transpose(1, 2)  # [B, N, C]
         self.last_grid_size = (int(h), int(w))
-        return local, local.mean(dim=1), self.last_grid_size
+        global_ = local.amax(dim=1) if self.global_pool == "max" else local.mean(dim=1)
+        return local, global_, self.last_grid_size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         local, global_, _ = self.forward_with_grid(x)
