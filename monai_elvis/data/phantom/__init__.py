@@ -9,12 +9,12 @@ from monai_elvis.data.phantom.findings import FINDING_TYPES, Finding, sample_fin
 from monai_elvis.data.phantom.generator import PhantomGenerator, PhantomStudy
 from monai_elvis.data.phantom.render import RenderSettings, render
 from monai_elvis.data.phantom.reports import MS_CXR_CATEGORY, compose_report
-from monai_elvis.data.phantom.writer import MS_CXR_COLUMNS, draw_contact_sheet, write_phantom
+from monai_elvis.data.phantom.writer import MS_CXR_COLUMNS, PhantomWorkerError, draw_contact_sheet, write_phantom
 
 __all__ = [
     "AnatomyError", "PhantomAnatomy", "default_ct_files", "FINDING_TYPES", "Finding", "sample_finding",
     "PhantomGenerator", "PhantomStudy", "RenderSettings", "render", "MS_CXR_CATEGORY", "compose_report",
-    "MS_CXR_COLUMNS", "draw_contact_sheet", "write_phantom", "prepare_phantom",
+    "MS_CXR_COLUMNS", "PhantomWorkerError", "draw_contact_sheet", "write_phantom", "prepare_phantom",
 ]  # fmt: skip
 
 
