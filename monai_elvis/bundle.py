@@ -21,7 +21,7 @@ from typing import Any
 from monai_elvis.errors import InputError, MissingInputError, is_bundle_cli
 from monai_elvis.keys import Keys
 
-__all__ = ["check_arguments", "check_image", "check_phrase", "image_datalist", "grounding_datalist",
+__all__ = ["check_arguments", "check_image", "check_phrase", "image_datalist", "grounding_datalist", "parse_flag",
            "require_pretrained_model", "require_trained_model", "PRETRAIN_COMMAND"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,24 @@ PHRASE_EXAMPLE = "--phrase \"left pleural effusion\""
 def _norm(path: str | os.PathLike) -> str:
     """``path`` without ``.``/``..`` segments or doubled separators (``configs/../x`` -> ``x``); stays relative."""
     return os.path.normpath(os.fspath(path))
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_flag(value: Any, name: str) -> bool:
+    """``value`` of the on/off setting ``name`` as a bool.
+
+    ``python -m monai.bundle`` passes ``--resume false`` as the *string* ``"false"``, which Python takes as true:
+    strings are read by their meaning (true/yes/on/1, false/no/off/0, any case), anything else is refused.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InputError(f"--{name} takes true or false, got {value!r}.")
 
 
 def check_phrase(phrase: Any, where: str = "--phrase") -> str:

@@ -18,6 +18,7 @@ from monai_elvis.bundle import (
     check_phrase,
     grounding_datalist,
     image_datalist,
+    parse_flag,
     require_pretrained_model,
     require_trained_model,
 )
@@ -107,6 +108,14 @@ def test_missing_models_say_what_to_run(tmp_path):
     assert "--ckpt_dir bundles/elvis_pretrain/models" in message and "\n" not in message
     with pytest.raises(MissingInputError, match="no trained segmentation model at .*model.pt. Train one first"):
         require_trained_model(tmp_path / "model.pt")
+
+
+def test_on_off_settings_from_the_command_line_mean_what_they_say():
+    """``--resume false`` reaches the config as the string "false", which Python takes as true."""
+    assert [parse_flag(v, "resume") for v in ("false", "False", " no ", "0", "off", 0, False)] == [False] * 7
+    assert [parse_flag(v, "resume") for v in ("true", "TRUE", "yes", "1", "on", 1, True)] == [True] * 7
+    with pytest.raises(InputError, match="--resume takes true or false, got 'maybe'"):
+        parse_flag("maybe", "resume")
 
 
 def test_the_bundle_command_line_prints_a_usage_error_without_its_traceback(capsys, monkeypatch):

@@ -103,8 +103,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_starts_over_on_reques
     assert "objective.local_loss.temperature: 0.1 in the checkpoint's run, 0.3 now" in message
     assert "--bundle_root" in message and "--resume false" in message and "run_settings.json" in message
     assert (models / "model.pt").read_bytes() == elvis_model and (models / "checkpoint_epoch=1.pt").is_file()
-    # --resume false: the old checkpoint goes, the new objective trains from epoch 1
-    _run([TRAIN, lovt], tmp_path, phantom, max_epochs=1, epoch_length=2, resume=False)
+    # --resume false (the command line passes the string "false"): the old checkpoint goes, the new objective trains
+    _run([TRAIN, lovt], tmp_path, phantom, max_epochs=1, epoch_length=2, resume="false")
     ckpt = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 2  # a fresh epoch 1, not the old one
     assert (models / "model.pt").read_bytes() != elvis_model

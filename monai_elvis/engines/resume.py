@@ -150,7 +150,8 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
             beside it are the same, else :class:`ResumeSettingsError` names the differences and the ways out. A
             checkpoint without stored settings is refused too. ``None``: no check (the earlier behaviour).
             Leave out what may change between the two parts of a run (``max_epochs``, to extend it; the device).
-        resume: ``False`` deletes the folder's checkpoints and settings and starts over (``--resume false``).
+        resume: ``False`` deletes the folder's checkpoints and settings and starts over (``--resume false``; the
+            strings ``"false"``/``"true"`` of the command line are read as such).
 
     Returns the checkpoint it resumes from, or ``None``. Kept out of the handler list of the bundle config
     because the trainer cannot reference itself there.
@@ -158,6 +159,9 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
     from ignite.engine import Events
     from monai.handlers import CheckpointLoader, CheckpointSaver
 
+    from monai_elvis.bundle import parse_flag
+
+    resume = parse_flag(resume, "resume")  # the command line's --resume false is the string "false"
     ckpt_dir = Path(ckpt_dir)
     settings_file = ckpt_dir / f"{prefix}{SETTINGS_FILE}"
     current = json.loads(json.dumps(describe_settings(settings))) if settings is not None else None
