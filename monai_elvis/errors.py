@@ -9,13 +9,14 @@ ignite, which is often over 100 lines long; ``MONAI_ELVIS_TRACEBACK=1`` shows th
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["UsageError", "InputError", "MissingInputError", "find_usage_error", "install_bundle_excepthook",
-           "is_bundle_cli"]  # fmt: skip
+__all__ = ["UsageError", "InputError", "MissingInputError", "ShortUsageErrorLogs", "find_usage_error",
+           "install_bundle_excepthook", "is_bundle_cli"]  # fmt: skip
 
 TRACEBACK_VARIABLE = "MONAI_ELVIS_TRACEBACK"
 
@@ -65,9 +66,27 @@ def _short_excepthook(previous):
     return hook
 
 
+class ShortUsageErrorLogs(logging.Filter):
+    """Drop the traceback from a log record of an exception whose chain holds a :class:`UsageError`: MONAI's
+    ``StatsHandler`` logs every exception of an engine run with its traceback before re-raising it, and the
+    excepthook prints the error's message at the end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        usage = find_usage_error(record.exc_info[1]) if record.exc_info else None
+        if usage is not None:
+            record.msg, record.args = f"Exception: {type(usage).__name__}: {usage}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+# loggers that log an engine's exception with its traceback
+ENGINE_EXCEPTION_LOGGERS = ("monai.handlers.StatsHandler",)
+
+
 def install_bundle_excepthook() -> bool:
     """Under ``python -m monai.bundle``, print a :class:`UsageError` found in an uncaught exception's chain as its
     one-paragraph message (exit status 1) instead of the whole traceback; other errors keep their traceback.
+    The loggers of :data:`ENGINE_EXCEPTION_LOGGERS` log such an error without its traceback too.
 
     A no-op in any other process (a script, a notebook, pytest), where the caller sees the exception as it is.
     Returns whether the hook is installed.
@@ -76,4 +95,6 @@ def install_bundle_excepthook() -> bool:
         return False
     if not getattr(sys.excepthook, "monai_elvis", False):
         sys.excepthook = _short_excepthook(sys.excepthook)
+        for name in ENGINE_EXCEPTION_LOGGERS:
+            logging.getLogger(name).addFilter(ShortUsageErrorLogs())
     return True

@@ -4,6 +4,7 @@ and the short form of their errors on the ``python -m monai.bundle`` command lin
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -22,7 +23,16 @@ from monai_elvis.bundle import (
     require_pretrained_model,
     require_trained_model,
 )
-from monai_elvis.errors import InputError, MissingInputError, UsageError, _short_excepthook, find_usage_error
+from monai_elvis.data import BadSampleLimitError
+from monai_elvis.errors import (
+    InputError,
+    MissingInputError,
+    ShortUsageErrorLogs,
+    UsageError,
+    _short_excepthook,
+    find_usage_error,
+)
+from monai_elvis.transforms import CXRLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
 SEG_INFER = str(ROOT / "bundles" / "elvis_cxr_segmentation" / "configs" / "inference.json")
@@ -141,3 +151,23 @@ def test_the_bundle_command_line_prints_a_usage_error_without_its_traceback(caps
     hook(type(error), error, None)  # asked for the traceback
     assert [c[1] for c in calls] == [other, error]
     assert sys.excepthook is not hook
+
+
+def test_an_engine_logs_a_usage_error_without_its_traceback():
+    """MONAI's StatsHandler logs an engine's exception with its traceback before re-raising it; for an unreadable
+    image that is a long traceback above the one line that matters."""
+    try:
+        try:
+            raise CXRLoadError("cannot read radiograph a.png: OSError: image file is truncated")
+        except CXRLoadError as e:
+            raise RuntimeError("applying transform LoadCXRd") from e
+    except RuntimeError as wrapped:
+        error = wrapped
+    record = logging.LogRecord("monai.handlers.StatsHandler", logging.ERROR, __file__, 1, "Exception: %s", (error,),
+                               (type(error), error, error.__traceback__))  # fmt: skip
+    assert ShortUsageErrorLogs().filter(record) and record.exc_info is None
+    assert record.getMessage() == "Exception: CXRLoadError: cannot read radiograph a.png: OSError: image file is truncated"
+    other = ValueError("a bug")
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "Exception: %s", (other,), (ValueError, other, None))
+    assert ShortUsageErrorLogs().filter(record) and record.exc_info is not None  # other errors keep their traceback
+    assert issubclass(CXRLoadError, UsageError) and issubclass(BadSampleLimitError, UsageError)

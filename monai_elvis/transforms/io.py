@@ -14,6 +14,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, PILWriter
 from monai.transforms import MapTransform, Transform
 
+from monai_elvis.errors import UsageError
+
 __all__ = ["LoadCXR", "LoadCXRd", "CXRLoadError", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "LABEL_COLOURS", "PaletteLabelWriter"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
@@ -21,8 +23,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 UNKNOWN_SPACING = (float("nan"), float("nan"))
 
 
-class CXRLoadError(ValueError):
-    """A radiograph file could not be read; the message names the file."""
+class CXRLoadError(UsageError, ValueError):
+    """A radiograph file could not be read; the message names the file (on the bundle command line it is printed
+    without a traceback, see :mod:`monai_elvis.errors`)."""
 
 
 def _positive_pair(value: Any) -> tuple[float, float] | None:
