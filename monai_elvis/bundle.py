@@ -238,15 +238,15 @@ def check_arguments(argv: Sequence[str] | None = None) -> None:
     """Refuse command-line settings that no config of the run defines (a misspelt ``--phrse``, or ``--image`` on a
     bundle without one), which MONAI's runner would otherwise add to the config and silently ignore.
 
-    Looks at ``argv`` (default ``sys.argv``) only in a ``python -m monai.bundle`` process: the top-level id of each
+    Looks at ``argv`` (default ``sys.argv``) only in a ``python -m monai.bundle run`` process: the top-level id of each
     ``--name`` (``a`` of ``--a#b#c``) must be a key of one of the ``--config_file`` files or an argument of the
     runner itself. A no-op elsewhere (Python callers pass overrides as keyword arguments, checked by their code),
     and when ``--args_file`` is used (its keys are not on the command line).
     """
     argv = sys.argv if argv is None else argv
-    if not is_bundle_cli(list(argv)):
+    if not is_bundle_cli(list(argv)) or len(argv) < 2 or argv[1] != "run":  # ckpt_export etc. take other options
         return
-    options = _cli_options(argv[1:])
+    options = _cli_options(argv[2:])
     if "args_file" in options:
         return
     files = _config_files(options.get("config_file"))

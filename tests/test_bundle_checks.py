@@ -57,6 +57,7 @@ def test_settings_no_config_defines_are_refused_on_the_command_line():
     with pytest.raises(InputError, match="--spilt"):
         check_arguments(_cli("--config_file", files, "--spilt", "test"))
     check_arguments(["-m", "pytest", "--anything", "x"])  # not the bundle command line: nothing to check
+    check_arguments([BUNDLE_MAIN, "ckpt_export", "network_def", "--filepath", "m.ts", "--config_file", SEG_INFER])
 
 
 def test_one_image_or_a_folder(tmp_path):
