@@ -27,7 +27,8 @@ __all__ = ["check_arguments", "check_image", "check_phrase", "image_datalist", "
 logger = logging.getLogger(__name__)
 
 PRETRAIN_COMMAND = "python -m monai.bundle run --config_file bundles/elvis_pretrain/configs/train.json"
-SEGMENTATION_TRAIN_COMMAND = "python -m monai.bundle run --config_file bundles/elvis_cxr_segmentation/configs/train.json"
+SEGMENTATION_TRAIN_COMMAND = ("python -m monai.bundle run --config_file "
+                              "bundles/elvis_cxr_segmentation/configs/train.json")
 PHRASE_EXAMPLE = "--phrase \"left pleural effusion\""
 
 

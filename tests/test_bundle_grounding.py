@@ -144,8 +144,8 @@ def test_the_command_line_says_what_to_do_in_a_few_lines(grounding_root, phantom
     typo = _bundle_cli("--bundle_root", str(grounding_root), "--image", image, "--phrse", "effusion", cwd=tmp_path)
     assert typo.returncode == 1 and "Traceback (most recent call last)" not in typo.stderr, typo.stderr
     message = typo.stderr[typo.stderr.index("\nerror: ") :].strip().splitlines()[0]
-    assert message.startswith("error: --phrse: not a setting of") and message.endswith("Did you mean --phrase? The "
-                                                                                     "settings are the top-level keys of those files.")  # fmt: skip
+    assert message.startswith("error: --phrse: not a setting of")
+    assert message.endswith("Did you mean --phrase? The settings are the top-level keys of those files.")
 
 
 def test_monai_label_call_grounds_the_request_phrase(grounding_root, phantom):

@@ -170,7 +170,8 @@ def test_other_ct_and_bad_files(anatomy, tmp_path):
     assert main(["--out", str(tmp_path / "x"), "--ct", str(broken), "--labels", str(labels)]) == 2
 
 
-PREPARE_SCRIPT = "from monai_elvis.data.phantom import prepare_phantom\nprepare_phantom({out!r}, num=4, size=32, workers=2)\n"
+PREPARE_SCRIPT = ("from monai_elvis.data.phantom import prepare_phantom\n"
+                  "prepare_phantom({out!r}, num=4, size=32, workers=2)\n")  # no main guard
 
 
 def _run_script(tmp_path, text: str, stdin: bool) -> subprocess.CompletedProcess:

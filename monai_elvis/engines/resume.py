@@ -191,7 +191,8 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
         def _say_when_finished(engine) -> None:  # runs after the loader: the restored epoch is known
             if engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs:
                 logger.warning("%s already finished all %d epochs: nothing to train. Raise --max_epochs to train "
-                               "longer, or add --resume false to start over.", latest, engine.state.max_epochs)  # fmt: skip
+                               "longer, or add --resume false to start over.", latest,
+                               engine.state.max_epochs)  # fmt: skip
 
     if save:
         if current is not None:

@@ -16,7 +16,8 @@ from monai.transforms import MapTransform, Transform
 
 from monai_elvis.errors import UsageError
 
-__all__ = ["LoadCXR", "LoadCXRd", "CXRLoadError", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "LABEL_COLOURS", "PaletteLabelWriter"]
+__all__ = ["LoadCXR", "LoadCXRd", "CXRLoadError", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "LABEL_COLOURS",
+           "PaletteLabelWriter"]  # fmt: skip
 
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -211,8 +212,8 @@ class PaletteLabelWriter(PILWriter):
 
         image = super().create_backend_obj(data_array, **kwargs)
         if image.mode != "L":
-            raise ValueError(f"PaletteLabelWriter writes single-channel uint8 label maps, got a PIL {image.mode!r} image "
-                             "(set output_dtype=numpy.uint8 and squeeze the channel).")  # fmt: skip
+            raise ValueError(f"PaletteLabelWriter writes single-channel uint8 label maps, got a PIL {image.mode!r} "
+                             "image (set output_dtype=numpy.uint8 and squeeze the channel).")  # fmt: skip
         palette = Image.frombytes("P", image.size, image.tobytes())  # the pixel values stay the class numbers
         colours = [LABEL_COLOURS[0]] + [LABEL_COLOURS[1 + (k - 1) % (len(LABEL_COLOURS) - 1)] for k in range(1, 256)]
         palette.putpalette([c for rgb in colours for c in rgb])

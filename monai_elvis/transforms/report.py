@@ -270,7 +270,8 @@ class TokenizeReport(Transform):
             raise ValueError("the tokenizer has neither CLS/SEP nor BOS/EOS tokens.")
 
     def __call__(self, sentences: str | Sequence[str], name: str = "report") -> dict[str, torch.Tensor]:
-        """``name`` (``"report"``, ``"phrase"``) words the errors: a missing or empty text raises :class:`ReportError`."""
+        """``name`` (``"report"``, ``"phrase"``) words the errors: a missing or empty text raises
+        :class:`ReportError`."""
         if sentences is None:
             raise ReportError(f"no {name} to tokenise (got None).")
         if isinstance(sentences, str):

@@ -147,7 +147,8 @@ def write_phantom(
                 state = os.path.join(tmp, "generator.pkl")
                 with open(state, "wb") as f:
                     pickle.dump(generator, f, protocol=pickle.HIGHEST_PROTOCOL)
-                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(state, out)) as pool:
+                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(state, out))
+                with pool:
                     for record in pool.map(_write_study, range(num), chunksize=8):
                         studies.append(record)
                         if progress:
