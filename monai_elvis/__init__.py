@@ -11,6 +11,16 @@ Sub-packages:
 - :mod:`monai_elvis.engines`: pieces that run pre-training on MONAI's ignite engines.
 - :mod:`monai_elvis.inferers`: phrase-grounding heatmaps.
 - :mod:`monai_elvis.keys`: the one dictionary-key vocabulary used end to end.
+- :mod:`monai_elvis.bundle`: checks the bundles' configs run first (inputs, models, command-line settings).
+- :mod:`monai_elvis.errors`: errors that say what to do (:class:`~monai_elvis.errors.UsageError`).
+
+Under ``python -m monai.bundle`` a :class:`~monai_elvis.errors.UsageError` is printed as its message, without the
+traceback (``MONAI_ELVIS_TRACEBACK=1`` shows it); nothing changes in any other process.
 """
 
+from monai_elvis import bundle, errors
+from monai_elvis.errors import install_bundle_excepthook as _install_bundle_excepthook
+
 __version__ = "0.1.0"
+
+_install_bundle_excepthook()

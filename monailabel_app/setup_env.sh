@@ -12,5 +12,5 @@ fi
 PIP="$VENV/bin/python -m pip install --progress-bar off"
 $PIP torch==2.14.1 torchvision==0.29.1
 $PIP -r monailabel_app/requirements.txt
-$PIP --no-deps -e .
+$PIP -e .  # with its dependencies: the ranges of setup.py hold torch 2.14.1, numpy 1.26, pydicom 2
 "$VENV/bin/python" -c "import monailabel, monai, monai_elvis, torchvision; print('monailabel', monailabel.__version__, 'monai', monai.__version__)"

@@ -167,6 +167,14 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
     return written
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the current folder when it lies below it (a repository path), else absolute."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
 def _tokenizer_dir(work: Path) -> Path:
     """The tokenizer a study's work dir used: its ``config.json``'s ``tokenizer_dir``, else ``<work>/tokenizer``."""
     config = work / "config.json"
@@ -187,13 +195,18 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
             heatmap_dirs = {o: work / "heatmaps" / o for o in _objectives(records) if (work / "heatmaps" / o).is_dir()}
     pngs = plots(records, out_dir, heatmap_dirs, phrases)
     tokenizer_note = []
-    if work_dir is not None:
-        tokenizer = _tokenizer_dir(Path(work_dir))
-        if tokenizer.is_dir() and tokenizer.resolve() != (out_dir / "tokenizer").resolve():
-            shutil.copytree(tokenizer, out_dir / "tokenizer", dirs_exist_ok=True)
-        if (out_dir / "tokenizer").is_dir():  # WordPiece training is not deterministic: ship the one used
+    if work_dir is not None:  # WordPiece training is not deterministic: say which tokenizer the runs used
+        work = Path(work_dir).resolve()
+        tokenizer = _tokenizer_dir(work).resolve()
+        if tokenizer.is_dir() and tokenizer.is_relative_to(work):  # trained by the study: ship a copy
+            if tokenizer != (out_dir / "tokenizer").resolve():
+                shutil.copytree(tokenizer, out_dir / "tokenizer", dirs_exist_ok=True)
             tokenizer_note = [f"The tokenizer of these runs is in `tokenizer/`: `python -m study run --tokenizer-dir "
                               f"{(out_dir / 'tokenizer').as_posix()}` repeats them with it.", ""]  # fmt: skip
+        elif tokenizer.is_dir():  # given with --tokenizer-dir (e.g. an earlier study's): point at it, no second copy
+            shown = _shown_path(tokenizer)
+            tokenizer_note = [f"These runs used the tokenizer in `{shown}` (given with `--tokenizer-dir`): `python -m "
+                              f"study run --tokenizer-dir {shown}` repeats them with it.", ""]  # fmt: skip
     steps = sum(r.get("seconds", 0) for r in records if r.get("step") not in ("session", None))
     sessions = [r["seconds"] for r in records if r.get("step") == "session"]
     text = ["# Reproduction study results", ""]

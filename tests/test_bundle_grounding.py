@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,8 @@ from PIL import Image
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle import run as bundle_run
 
-from monai_elvis.engines import GroundingReportHandler
+from monai_elvis.engines import GroundingReportHandler, phrase_slug
+from monai_elvis.errors import InputError, find_usage_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "elvis_grounding" / "configs"
@@ -74,6 +78,74 @@ def test_one_image_and_phrase_on_the_real_dicom(grounding_root, tmp_path, rg1_di
     heat = np.asarray(Image.open(record["heatmap"]))
     assert heat.shape == (1955, 1841) and heat.dtype == np.uint16 and heat.max() > 60000
     assert np.asarray(Image.open(record["overlay"])).shape == (1955, 1841, 3)
+
+
+def test_a_phrase_without_an_image_is_refused(grounding_root):
+    """Not the example phrases grounded in its place, with exit status 0."""
+    with pytest.raises(Exception) as info:
+        bundle_run(config_file=INFER, logging_file=LOGGING, bundle_root=str(grounding_root),
+                   phrase="right lower lobe opacity", **TINY)  # fmt: skip
+    error = find_usage_error(info.value)
+    assert isinstance(error, InputError), info.value
+    assert str(error).startswith("--phrase 'right lower lobe opacity' needs an image to ground it on: add --image")
+
+
+def test_records_accumulate_over_runs_with_whole_word_names_and_normalised_paths(grounding_root, phantom, tmp_path):
+    """The README's one-phrase-per-command use: every run's record stays in groundings.json / .csv."""
+    out = tmp_path / "out"
+    image = f"{phantom}/images/../images/phantom_00001.png"
+    long_phrase = "moderate right pleural effusion with adjacent compressive atelectasis"
+    for phrase in ("enlarged cardiac silhouette", long_phrase, "enlarged cardiac silhouette"):
+        bundle_run(config_file=INFER, logging_file=LOGGING, bundle_root=str(grounding_root), output_dir=str(out),
+                   image=image, phrase=phrase, **TINY)  # fmt: skip
+    records = json.loads((out / "groundings.json").read_text())
+    assert [r["phrase"] for r in records] == [long_phrase, "enlarged cardiac silhouette"]  # the rerun replaced its own
+    with open(out / "groundings.csv") as f:
+        assert [r["phrase"] for r in csv.DictReader(f)] == [long_phrase, "enlarged cardiac silhouette"]
+    assert all(".." not in r["image"] and ".." not in r["heatmap"] for r in records)
+    assert records[1]["image"] == str(phantom / "images" / "phantom_00001.png")
+    name = Path(records[0]["heatmap"]).name
+    assert name == f"phantom_00001_{phrase_slug(long_phrase)}_heatmap.png" and Path(records[0]["heatmap"]).is_file()
+    *words, digest = phrase_slug(long_phrase).split("_")
+    assert words == long_phrase.split()[: len(words)] and len(words) >= 5 and len(digest) == 6  # no word cut
+
+
+def test_a_folder_of_images_with_one_phrase(grounding_root, phantom, tmp_path):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for i in (0, 1):
+        shutil.copy(phantom / "images" / f"phantom_{i:05d}.png", folder)
+    out = tmp_path / "out"
+    bundle_run(config_file=INFER, logging_file=LOGGING, bundle_root=str(grounding_root), output_dir=str(out),
+               input_dir=str(folder), phrase="left pleural effusion", **TINY)  # fmt: skip
+    records = json.loads((out / "groundings.json").read_text())
+    assert [Path(r["image"]).name for r in records] == ["phantom_00000.png", "phantom_00001.png"]
+    assert {r["phrase"] for r in records} == {"left pleural effusion"}
+
+
+def _bundle_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MONAI_ELVIS_TRACEBACK", None)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFER, "--logging_file", LOGGING, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def test_the_command_line_says_what_to_do_in_a_few_lines(grounding_root, phantom, tmp_path):
+    """Grounding before any model exists, and a misspelt --phrase: one paragraph at the end, no traceback."""
+    image = str(phantom / "images" / "phantom_00000.png")
+    no_model = _bundle_cli("--bundle_root", str(tmp_path / "empty"), "--image", image, "--phrase", "effusion",
+                           cwd=tmp_path)  # fmt: skip
+    assert no_model.returncode == 1 and "Traceback (most recent call last)" not in no_model.stderr, no_model.stderr
+    message, hint = no_model.stderr[no_model.stderr.index("\nerror: ") :].strip().splitlines()  # the last 2 lines
+    assert message.startswith(f"error: no pre-trained model at {tmp_path / 'empty' / 'models'} (model.pt and "
+                              "text_model missing)")  # fmt: skip
+    assert "run `python -m monai.bundle run --config_file bundles/elvis_pretrain/configs/train.json` first" in message
+    assert hint == "(the full traceback: set MONAI_ELVIS_TRACEBACK=1)"
+    typo = _bundle_cli("--bundle_root", str(grounding_root), "--image", image, "--phrse", "effusion", cwd=tmp_path)
+    assert typo.returncode == 1 and "Traceback (most recent call last)" not in typo.stderr, typo.stderr
+    message = typo.stderr[typo.stderr.index("\nerror: ") :].strip().splitlines()[0]
+    assert message.startswith("error: --phrse: not a setting of")
+    assert message.endswith("Did you mean --phrase? The settings are the top-level keys of those files.")
 
 
 def test_monai_label_call_grounds_the_request_phrase(grounding_root, phantom):

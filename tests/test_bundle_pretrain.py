@@ -12,6 +12,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.bundle import run as bundle_run
 
+from monai_elvis.engines import ResumeSettingsError, describe_settings, settings_differences
+from monai_elvis.errors import find_usage_error
+from monai_elvis.losses import ElvisLoss, LocalAlignmentLoss
 from monai_elvis.networks import CXRImageEncoder, ElvisNet, ReportTextEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +84,52 @@ def test_resume_continues_after_the_last_epoch_and_evaluate(phantom, tmp_path):
     _run([TRAIN, CONFIGS / "evaluate.json"], tmp_path, phantom)
     test_metrics = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
     assert "val_recall_at_1" in test_metrics["metrics"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_and_starts_over_on_request(phantom, tmp_path):
+    """The README's second command (another objective) in the folder of a finished default run: it must not
+    "resume" the ELVIS run and exit at once, leaving the ELVIS model in place."""
+    lovt = ROOT / "configs" / "objective" / "lovt.json"
+    _run([TRAIN], tmp_path, phantom, max_epochs=1, epoch_length=2)
+    models = tmp_path / "models"
+    elvis_model = (models / "model.pt").read_bytes()
+    stored = json.loads((models / "run_settings.json").read_text())
+    assert stored["objective"]["local_loss"]["target"] == "intra_modal" and stored["data"]["image_size"] == 64
+    with pytest.raises(Exception) as info:
+        _run([TRAIN, lovt], tmp_path, phantom, max_epochs=2, epoch_length=2)
+    error = find_usage_error(info.value)
+    assert isinstance(error, ResumeSettingsError), info.value
+    message = str(error)
+    assert 'objective.local_loss.target: "intra_modal" in the checkpoint\'s run, "spatial" now' in message
+    assert "objective.local_loss.temperature: 0.1 in the checkpoint's run, 0.3 now" in message
+    assert "--bundle_root" in message and "--resume false" in message and "run_settings.json" in message
+    assert (models / "model.pt").read_bytes() == elvis_model and (models / "checkpoint_epoch=1.pt").is_file()
+    # --resume false (the command line passes the string "false"): the old checkpoint goes, the new objective trains
+    _run([TRAIN, lovt], tmp_path, phantom, max_epochs=1, epoch_length=2, resume="false")
+    ckpt = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 2  # a fresh epoch 1, not the old one
+    assert (models / "model.pt").read_bytes() != elvis_model
+    assert json.loads((models / "run_settings.json").read_text())["objective"]["local_loss"]["target"] == "spatial"
+
+
+def test_settings_description_and_differences():
+    def objective(**kw):
+        return ElvisLoss(local_loss=LocalAlignmentLoss(**kw))
+
+    a = describe_settings({"objective": objective(target="intra_modal"), "size": (128, 128), "data": list(range(100))})
+    assert a["objective"]["_target_"] == "monai_elvis.losses.elvis_loss.ElvisLoss"
+    assert a["objective"]["global_loss"]["initial_temperature"] == 0.1 and a["size"] == [128, 128]
+    assert a["data"]["items"] == 100 and len(a["data"]["sha256"]) == 64  # a long list (a datalist) is digested
+    assert settings_differences(a, describe_settings({"objective": objective(target="intra_modal"), "size": [128, 128],
+                                                      "data": list(range(100))})) == []  # fmt: skip
+    b = describe_settings({"objective": objective(target="one_hot"), "size": (128, 128), "data": list(range(101))})
+    assert settings_differences(a, b) == [
+        'objective.local_loss.target: "intra_modal" in the checkpoint\'s run, "one_hot" now',
+        "data.items: 100 in the checkpoint's run, 101 now",
+        f"data.sha256: \"{a['data']['sha256']}\" in the checkpoint's run, \"{b['data']['sha256']}\" now",
+    ]
+    assert settings_differences({"a": 1}, {"b": 2}) == ["a: 1 in the checkpoint's run, not set now",
+                                                        "b: not set in the checkpoint's run, 2 now"]  # fmt: skip
 
 
 def test_ddp_two_gloo_processes(phantom, tmp_path, run_torchrun):

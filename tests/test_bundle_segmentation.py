@@ -16,7 +16,9 @@ from PIL import Image
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle import run as bundle_run
 
+from monai_elvis.errors import InputError, MissingInputError, find_usage_error
 from monai_elvis.networks import CXRImageEncoder, ElvisUNet
+from monai_elvis.transforms import LABEL_COLOURS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "elvis_cxr_segmentation" / "configs"
@@ -36,6 +38,15 @@ def test_train_and_infer_workflow_properties(phantom, tmp_path):
                            dataset_dir=str(phantom), **TINY)  # fmt: skip
     train.initialize()
     assert train.check_properties() == []
+    infer = ConfigWorkflow(config_file=INFER, meta_file=META, workflow_type="infer", bundle_root=str(tmp_path),
+                           input_dir=str(phantom / "images"))  # fmt: skip
+    with pytest.raises(Exception) as info:
+        infer.initialize()  # checked before anything is built
+    assert isinstance(find_usage_error(info.value), MissingInputError)
+    assert "no trained segmentation model at" in str(find_usage_error(info.value))
+    (tmp_path / "models").mkdir(exist_ok=True)  # the train workflow made it
+    torch.save(ElvisUNet(1, 7, "resnet18", 0.125, decoder_channels=(64, 32, 16, 16, 8)).state_dict(),
+               tmp_path / "models" / "model.pt")  # fmt: skip
     infer = ConfigWorkflow(config_file=INFER, meta_file=META, workflow_type="infer", bundle_root=str(tmp_path),
                            input_dir=str(phantom / "images"))  # fmt: skip
     infer.initialize()
@@ -106,6 +117,42 @@ def test_inference_on_the_real_dicom_and_export_round_trip(phantom, tmp_path, rg
     x = torch.randn(2, 1, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-4, rtol=1e-4)
+
+
+def test_one_image_or_a_folder_with_progress_and_masks_a_viewer_shows(phantom, tmp_path, capfd):
+    _run(TRAIN, tmp_path, dataset_dir=str(phantom), max_epochs=1, epoch_length=1)
+    images = phantom / "images"
+    # --image: that image only (it used to be ignored, and every image of the default folder segmented)
+    bundle_run(config_file=INFER, logging_file=LOGGING, bundle_root=str(tmp_path), image=str(images / "phantom_00003.png"),
+               output_dir=str(tmp_path / "one"), image_size=64)  # fmt: skip
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["phantom_00003_mask.png"]
+    mask = Image.open(tmp_path / "one" / "phantom_00003_mask.png")
+    # a palette PNG: the pixel values are the class numbers, the palette shows them in colour
+    assert mask.mode == "P" and mask.size == (64, 64)
+    assert np.asarray(mask).dtype == np.uint8 and np.asarray(mask).max() < 7
+    rgb = np.asarray(mask.convert("RGB"))
+    for k in np.unique(np.asarray(mask)):
+        assert tuple(rgb[np.asarray(mask) == k][0]) == LABEL_COLOURS[k]
+    assert len(set(LABEL_COLOURS)) == 7 and all(max(c) >= 200 for c in LABEL_COLOURS[1:])  # classes 1-6 visible
+    # --input_dir: every image of the folder, with a progress bar
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for i in (0, 1):
+        (folder / f"phantom_{i:05d}.png").write_bytes((images / f"phantom_{i:05d}.png").read_bytes())
+    capfd.readouterr()
+    bundle_run(config_file=INFER, logging_file=LOGGING, bundle_root=str(tmp_path), input_dir=str(folder),
+               output_dir=str(tmp_path / "many"), image_size=64)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["phantom_00000_mask.png", "phantom_00001_mask.png"]
+    progress = capfd.readouterr().err
+    assert "segmenting" in progress and "2/2" in progress, progress
+    # a file given as the folder says what to use instead
+    with pytest.raises(Exception) as info:
+        bundle_run(config_file=INFER, logging_file=LOGGING, bundle_root=str(tmp_path),
+                   input_dir=str(folder / "phantom_00000.png"), output_dir=str(tmp_path / "x"), image_size=64)  # fmt: skip
+    error = find_usage_error(info.value)
+    assert isinstance(error, InputError), info.value
+    assert str(error) == (f"--input_dir {folder / 'phantom_00000.png'} is a file: use --image "
+                          f"{folder / 'phantom_00000.png'} for one image.")  # fmt: skip
 
 
 def test_postprocessing_restores_the_input_geometry_and_orientation(tmp_path):

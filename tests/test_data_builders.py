@@ -188,6 +188,20 @@ def test_iu_xray_builder_on_the_real_reports(iu_reports_tgz, tmp_path):
     assert summary.skipped["no image"] == 3926
 
 
+def test_iu_xray_command_reads_the_reports_from_the_wheel_and_says_they_have_no_images(iu_reports_tgz, tmp_path,
+                                                                                        capsys):  # fmt: skip
+    out = tmp_path / "iu.json"
+    assert main(["iu-xray", "--out", str(out)]) == 0  # no --root: the torchxrayvision wheel's reports
+    printed = capsys.readouterr().out
+    assert f"IU X-ray reports from the torchxrayvision 1.5.7 wheel: {iu_reports_tgz}" in printed
+    assert "no --images: one entry per report, without images" in printed
+    entries = [e for v in json.loads(out.read_text()).values() for e in v]
+    assert len(entries) == 3927 and not any("image" in e for e in entries)
+    with pytest.raises(SystemExit):
+        main(["siim", "--out", str(out)])  # the other datasets still need --root
+    assert "siim needs --root" in capsys.readouterr().err
+
+
 def test_split_and_fraction_are_seeded():
     splits = split_items((str(i) for i in range(100)), seed=0)
     assert sum(s == "training" for s in splits.values()) == 70

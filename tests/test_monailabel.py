@@ -114,7 +114,10 @@ def test_server_lists_and_runs_both_models(monailabel_python, served_bundles, ph
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
-    cmd = [str(monailabel_python.parent / "monailabel"), "start_server", "--app", str(ROOT / "monailabel_app"),
+    # MONAI Label writes its log into <app>/logs/: a copy of the app keeps it out of the checkout
+    app = tmp_path / "monailabel_app"
+    shutil.copytree(ROOT / "monailabel_app", app, ignore=shutil.ignore_patterns("logs", "__pycache__"))
+    cmd = [str(monailabel_python.parent / "monailabel"), "start_server", "--app", str(app),
            "--studies", str(studies), "--conf", "bundles", str(served_bundles), "--host", "127.0.0.1",
            "--port", str(port)]  # fmt: skip
     # the monailabel launcher runs "python -m monailabel.main": the environment's python must come first on PATH

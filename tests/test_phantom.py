@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +27,8 @@ from monai_elvis.data.phantom import (
 )
 from monai_elvis.data.phantom.__main__ import main
 from monai_elvis.transforms import LoadCXRd, parse_report_sections
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -223,3 +229,37 @@ def test_prepare_phantom_refuses_a_folder_made_with_other_settings(tmp_path):
     with pytest.raises(ValueError, match=r"difficulty 'realistic' \(wanted 'easy'\).*Delete"):
         prepare_phantom(tmp_path, num=10, size=64)
     assert prepare_phantom(tmp_path, num=10, size=64, difficulty="realistic") == {"existing": True}
+
+
+PREPARE_SCRIPT = ("from monai_elvis.data.phantom import prepare_phantom\n"
+                  "prepare_phantom({out!r}, num=4, size=32, workers=2)\n")  # no main guard
+
+
+def _run_script(tmp_path, text: str, stdin: bool) -> subprocess.CompletedProcess:
+    """Run ``text`` as a plain script (a file, or ``python -`` reading it from stdin) with this checkout first on the
+    path, in a fresh interpreter, under a time limit: a hang fails the test instead of stalling the suite."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    script = tmp_path / "make_phantom.py"
+    script.write_text(text)
+    cmd = [sys.executable, "-"] if stdin else [sys.executable, str(script)]
+    return subprocess.run(cmd, input=text if stdin else None, capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path, env=env)  # fmt: skip
+
+
+def test_phantom_from_a_script_without_a_main_guard_fails_at_once(tmp_path):
+    """Each spawned render worker re-runs an unguarded script and dies: that must stop the call with a message
+    saying what to do, not hang while the pool replaces the worker (or the parent waits on a pipe)."""
+    res = _run_script(tmp_path, PREPARE_SCRIPT.format(out=str(tmp_path / "ph")), stdin=False)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("monai_elvis.data.phantom.writer.PhantomWorkerError: a phantom render worker died"), last
+    assert 'if __name__ == "__main__":' in last and "workers=1" in last
+    assert not (tmp_path / "ph" / "datalist.json").exists()
+
+
+def test_phantom_from_a_script_read_from_stdin_renders_in_process(tmp_path):
+    res = _run_script(tmp_path, PREPARE_SCRIPT.format(out=str(tmp_path / "ph")), stdin=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rendering the phantom in this process" in res.stderr
+    assert sum(len(v) for v in json.loads((tmp_path / "ph" / "datalist.json").read_text()).values()) == 4

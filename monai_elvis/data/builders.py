@@ -378,10 +378,20 @@ def build_iu_xray(
 ) -> tuple[dict[str, list], BuildSummary]:
     """Indiana University chest X-ray reports (``ecgen-radiology`` XML, a folder or ``NLMCXR_reports.tgz``).
 
-    ``root`` is the folder or the ``.tgz`` (or a folder holding ``NLMCXR_reports.tgz``). Without ``images``,
-    one entry per report (``report``, ``report_id``, ``image_ids``); with an ``images`` folder of
-    ``<image id>.png``, one entry per image found (``image`` absolute, ``report``, ``report_id``). Seeded
-    70/15/15 split by report.
+    Where the data comes from: the 3,955 reports, as ``NLMCXR_reports.tgz``, ship inside the
+    ``torchxrayvision==1.5.7`` wheel on PyPI; :func:`monai_elvis.data.sources.fetch_wheel_member` fetches and
+    sha256-checks it (``python -m monai_elvis.data iu-xray`` without ``--root`` does so). The radiographs are not
+    in the wheel: they are the Open-i collection's ``<image id>.png`` files, downloaded separately.
+
+    ``root`` is the folder or the ``.tgz`` (or a folder holding ``NLMCXR_reports.tgz``). Without ``images``, the
+    datalist holds **reports without images**, one entry per report (``report``, ``report_id``, ``image_ids``):
+    text to train a tokenizer on or to benchmark report transforms with, not an input of the pre-training
+    bundle, which needs images. With an ``images`` folder of ``<image id>.png``, one entry per image found
+    (``image`` absolute, ``report``, ``report_id``), an image-report datalist for pre-training. Seeded 70/15/15
+    split by report; reports with neither findings nor impression are skipped (counted in the summary).
+
+    Used by the tests (the report parser and the tokenizer fixture) and by
+    ``python -m monai_elvis.benchmarks transforms`` (its reports).
     """
     root = Path(root)
     if root.is_dir() and not any(root.rglob("*.xml")) and (root / "NLMCXR_reports.tgz").is_file():

@@ -9,6 +9,8 @@ from typing import Any
 
 from monai.data import CacheDataset
 
+from monai_elvis.errors import UsageError
+
 __all__ = ["SkippingCacheDataset", "BadSampleLimitError"]
 
 logger = logging.getLogger(__name__)
@@ -21,8 +23,8 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-class BadSampleLimitError(RuntimeError):
-    """More bad samples than allowed were met; the message names the last one and its error."""
+class BadSampleLimitError(UsageError, RuntimeError):
+    """More bad samples than allowed were met; the message names the last one, its error and what to do."""
 
 
 class SkippingCacheDataset(CacheDataset):
@@ -65,7 +67,8 @@ class SkippingCacheDataset(CacheDataset):
             if count > self.max_skips:
                 raise BadSampleLimitError(
                     f"{count} bad samples, more than max_skips={self.max_skips}; the last, {name}: "
-                    f"{type(e).__name__}: {e}"
+                    f"{type(e).__name__}: {e}. Repair or remove the files named in the warnings above (or their "
+                    "datalist entries), or allow more with --max_bad_samples N."
                 ) from error
             logger.warning("skipped bad sample %s (%d of at most %d): %s: %s", name, count, self.max_skips,
                            type(e).__name__, e)  # fmt: skip

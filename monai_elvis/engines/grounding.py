@@ -4,6 +4,7 @@ table of the grounding metrics."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -25,10 +26,27 @@ __all__ = ["GroundingWriter", "GroundingReportHandler", "heat_colormap", "phrase
 logger = logging.getLogger(__name__)
 
 
-def phrase_slug(phrase: str, max_length: int = 40) -> str:
-    """A file-name-safe form of a phrase: ``"Small left pneumothorax."`` -> ``"small_left_pneumothorax"``."""
-    slug = re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
-    return slug[:max_length].rstrip("_") or "phrase"
+def phrase_slug(phrase: str, max_length: int = 48) -> str:
+    """A file-name-safe form of a phrase: ``"Small left pneumothorax."`` -> ``"small_left_pneumothorax"``.
+
+    A phrase longer than ``max_length`` keeps its first whole words that fit, then ``_`` and 6 hexadecimal
+    characters of the phrase's SHA-1, so that no word is cut and two long phrases that start alike get different
+    names: ``"focal consolidation in the right upper lobe of the left lung"`` ->
+    ``"focal_consolidation_in_the_right_upper_97cf78"`` (not ``..._right_upper_l``).
+    """
+    words = re.findall(r"[a-z0-9]+", phrase.lower())
+    full = "_".join(words)
+    if len(full) <= max_length:
+        return full or "phrase"
+    digest = hashlib.sha1(phrase.encode("utf-8")).hexdigest()[:6]
+    budget = max(1, max_length - len(digest) - 1)
+    slug = ""
+    for word in words:
+        candidate = f"{slug}_{word}" if slug else word
+        if len(candidate) > budget:
+            break
+        slug = candidate
+    return f"{slug or words[0][:budget]}_{digest}"
 
 
 def heat_colormap(heat: np.ndarray) -> np.ndarray:
@@ -52,6 +70,10 @@ class GroundingWriter:
     - and, when the run completes, ``groundings.json`` and ``groundings.csv``: image, phrase, the files, the box
       ``[x, y, w, h]`` of the largest connected region of the mask (``null`` when empty) and the peak ``[x, y]``.
 
+    The two index files accumulate: a run adds its records to those already in ``output_dir``, and replaces a
+    record whose files it wrote again (the same image name and phrase), so that they list every set of files in the
+    folder. :attr:`records` holds this run's records only. Paths are written normalised (no ``..`` segments).
+
     It reads the decollated ``engine.state.output[i][heatmap_key]`` (``[1, H, W]``, in the input image's
     geometry: put :class:`~monai.transforms.Invertd` before it in the postprocessing) and the phrase from the batch.
 
@@ -67,7 +89,7 @@ class GroundingWriter:
                  map_format: str = "png", alpha: float = 0.45) -> None:  # fmt: skip
         if map_format not in ("png", "nifti"):
             raise ValueError(f"map_format must be 'png' or 'nifti', got {map_format!r}.")
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(os.path.normpath(output_dir))
         self.heatmap_key = heatmap_key
         self.threshold = threshold
         self.map_format = map_format
@@ -94,7 +116,7 @@ class GroundingWriter:
 
         from monai_elvis.transforms import LoadCXR, MaskToBoxes
 
-        source = str(getattr(heatmap, "meta", {}).get("filename_or_obj", "image"))
+        source = os.path.normpath(str(getattr(heatmap, "meta", {}).get("filename_or_obj", "image")))
         heat = np.nan_to_num(torch.as_tensor(heatmap).detach().float().cpu().numpy()[0], nan=0.0).clip(0.0, 1.0)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         name = f"{Path(source).stem}_{phrase_slug(phrase)}"
@@ -130,15 +152,33 @@ class GroundingWriter:
         self.records.append(record)
         return record
 
+    def _previous_records(self) -> list[dict]:
+        path = self.output_dir / "groundings.json"
+        if not path.is_file():
+            return []
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            logger.warning("%s is not valid JSON: starting it again with this run's records", path)
+            return []
+        return [r for r in previous if isinstance(r, dict) and "heatmap" in r] if isinstance(previous, list) else []
+
     def completed(self, engine=None) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "groundings.json").write_text(json.dumps(self.records, indent=1))
-        with open(self.output_dir / "groundings.csv", "w", newline="") as f:
+        rewritten = {r["heatmap"] for r in self.records}
+        kept = [r for r in self._previous_records() if r["heatmap"] not in rewritten]
+        records = kept + self.records
+        tmp = self.output_dir / "groundings.json.tmp"
+        tmp.write_text(json.dumps(records, indent=1))
+        os.replace(tmp, self.output_dir / "groundings.json")
+        with open(self.output_dir / "groundings.csv.tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["image", "phrase", "heatmap", "overlay", "mask", "box", "peak"])
             writer.writeheader()
-            for r in self.records:
-                writer.writerow({**r, "box": json.dumps(r["box"]), "peak": json.dumps(r["peak"])})
-        logger.info("wrote %d groundings to %s", len(self.records), self.output_dir)
+            for r in records:
+                writer.writerow({**r, "box": json.dumps(r.get("box")), "peak": json.dumps(r.get("peak"))})
+        os.replace(self.output_dir / "groundings.csv.tmp", self.output_dir / "groundings.csv")
+        logger.info("wrote %d groundings to %s (%d in its groundings.json)", len(self.records), self.output_dir,
+                    len(records))  # fmt: skip
 
 
 class GroundingReportHandler:

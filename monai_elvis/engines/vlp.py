@@ -6,7 +6,6 @@ import json
 import math
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,7 @@ from monai_elvis.losses import ElvisLoss
 
 __all__ = [
     "prepare_vlp_batch", "prepare_grounding_batch", "ObjectiveLoss", "GradientClipHandler", "ClampParametersHandler",
-    "MetricsJSONHandler", "from_pred",
-    "latest_checkpoint", "ensure_tokenizer", "save_text_model", "attach_resume",
+    "MetricsJSONHandler", "from_pred", "ensure_tokenizer", "save_text_model",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -214,22 +212,6 @@ def from_pred(keys: Sequence[str], label: bool = False) -> Callable[[Mapping], t
     return transform
 
 
-_CKPT = re.compile(r"(\d+)\.pt$")
-
-
-def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
-    """The newest complete ``{prefix}*_<n>.pt`` in ``folder`` (largest ``n``), or ``None``; for resuming."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = []
-    for p in folder.glob(f"{prefix}*.pt"):
-        m = _CKPT.search(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return str(max(found)[1]) if found else None
-
-
 def ensure_tokenizer(folder: str | os.PathLike, datalist: str | os.PathLike, vocab_size: int = 4096,
                      key: str = "training") -> str:  # fmt: skip
     """A tokenizer folder: ``folder`` when it already holds one (e.g. a pretrained CXR-BERT folder), else a WordPiece tokenizer trained on the
@@ -258,35 +240,3 @@ def save_text_model(network: nn.Module, tokenizer: str | os.PathLike, folder: st
         raise ValueError(f"{type(network).__name__} has no text_encoder to save.")
     text_encoder.save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(folder))
-
-
-def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, Any], prefix: str = "",
-                  every: int = 1, save: bool = True) -> str | None:  # fmt: skip
-    """Make ``trainer`` resumable: save ``objects`` plus the trainer's own state every ``every`` epochs into
-    ``ckpt_dir`` (one file kept, written atomically by ignite), and, when such a checkpoint exists already,
-    load it when the run starts so that training continues after the last completed epoch.
-
-    Returns the checkpoint it resumes from, or ``None``. Kept out of the handler list of the bundle config
-    because the trainer cannot reference itself there. ``save=False`` only loads (the other ranks of a
-    distributed run).
-    """
-    from monai.handlers import CheckpointLoader, CheckpointSaver
-
-    state = {**objects, "trainer": trainer}
-    latest = latest_checkpoint(ckpt_dir, f"{prefix}checkpoint")
-    if latest is not None:
-        logger.info("resuming from %s", latest)
-        CheckpointLoader(load_path=latest, load_dict=state, map_location=trainer.state.device).attach(trainer)
-    if save:
-        CheckpointSaver(save_dir=str(ckpt_dir), save_dict=state, file_prefix=prefix, save_interval=every, n_saved=1,
-                        epoch_level=True).attach(trainer)  # fmt: skip
-        from ignite.engine import Events
-
-        @trainer.on(Events.EPOCH_COMPLETED(every=every))
-        def _drop_older(_engine) -> None:  # also those left by the run that was resumed
-            keep = latest_checkpoint(ckpt_dir, f"{prefix}checkpoint")
-            for p in Path(ckpt_dir).glob(f"{prefix}checkpoint*.pt"):
-                if str(p) != keep and _CKPT.search(p.name):
-                    p.unlink(missing_ok=True)
-
-    return latest

@@ -50,6 +50,8 @@ class GlobalContrastiveLoss(_Loss):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
+        self.initial_temperature = temperature  # a setting; ``temperature`` is the current (maybe learnt) value
+        self.learnable_temperature = learnable_temperature
         self.image_to_text_weight = image_to_text_weight
         self.text_to_image_weight = text_to_image_weight
         self.max_logit_scale = max_logit_scale

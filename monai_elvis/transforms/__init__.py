@@ -1,6 +1,6 @@
 """Transforms (array and dictionary forms): loading, reports, labels and standard pipelines."""
 
-from monai_elvis.transforms.io import CXRLoadError, LoadCXR, LoadCXRd
+from monai_elvis.transforms.io import LABEL_COLOURS, CXRLoadError, LoadCXR, LoadCXRd, PaletteLabelWriter
 from monai_elvis.transforms.labels import (
     ClassNamesToMultiHot,
     ClassNamesToMultiHotd,
@@ -34,7 +34,7 @@ from monai_elvis.transforms.report import (
 )
 
 __all__ = [
-    "CXRLoadError", "LoadCXR", "LoadCXRd",
+    "CXRLoadError", "LoadCXR", "LoadCXRd", "LABEL_COLOURS", "PaletteLabelWriter",
     "ClassNamesToMultiHot", "ClassNamesToMultiHotd",
     "BoxesToMask", "BoxesToMaskd", "LoadLabelMap", "LoadLabelMapd", "MaskToBoxes", "MaskToBoxesd", "RLEToMask", "RLEToMaskd",
     "cxr_augmentation", "cxr_spatial_intensity",

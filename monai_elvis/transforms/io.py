@@ -1,4 +1,5 @@
-"""Loading chest radiographs (DICOM, PNG, JPEG) into display-oriented float images in [0, 1]."""
+"""Loading chest radiographs (DICOM, PNG, JPEG) into display-oriented float images in [0, 1], and writing label
+maps as palette PNGs."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, PILWriter
 from monai.transforms import MapTransform, Transform
 
-__all__ = ["LoadCXR", "LoadCXRd", "CXRLoadError", "DICOM_SUFFIXES", "IMAGE_SUFFIXES"]
+from monai_elvis.errors import UsageError
+
+__all__ = ["LoadCXR", "LoadCXRd", "CXRLoadError", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "LABEL_COLOURS",
+           "PaletteLabelWriter"]  # fmt: skip
 
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 UNKNOWN_SPACING = (float("nan"), float("nan"))
 
 
-class CXRLoadError(ValueError):
-    """A radiograph file could not be read; the message names the file."""
+class CXRLoadError(UsageError, ValueError):
+    """A radiograph file could not be read; the message names the file (on the bundle command line it is printed
+    without a traceback, see :mod:`monai_elvis.errors`)."""
 
 
 def _positive_pair(value: Any) -> tuple[float, float] | None:
@@ -182,3 +187,34 @@ class LoadCXRd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.loader(d[key])
         return d
+
+
+# class 0 (background) black, then the colours of the phantom's findings in the bundles' class order: nodule,
+# opacity, effusion, pneumothorax, cardiomegaly, atelectasis; further classes cycle through them
+LABEL_COLOURS = ((0, 0, 0), (255, 80, 80), (255, 200, 0), (80, 160, 255), (0, 230, 120), (230, 80, 230), (255, 140, 40))
+
+
+class PaletteLabelWriter(PILWriter):
+    """MONAI's PIL image writer for label maps: writes a palette ("P" mode) PNG whose pixel values are the class
+    numbers (0 background, 1, 2, ...) and whose palette gives each class a colour (:data:`LABEL_COLOURS`).
+
+    A plain 8-bit PNG of classes 0-6 looks black in an image viewer; this one shows the classes in colour, while
+    ``numpy.asarray(PIL.Image.open(path))`` (and MONAI's ``PILReader``) still returns the class numbers. Readers that
+    expand palettes to RGB (ITK, for one) return the colours instead.
+
+    Use as ``SaveImaged(..., output_dtype=numpy.uint8, writer=PaletteLabelWriter)``; the data must be a
+    single-channel ``uint8`` label map.
+    """
+
+    @classmethod
+    def create_backend_obj(cls, data_array: Any, **kwargs: Any):
+        from PIL import Image
+
+        image = super().create_backend_obj(data_array, **kwargs)
+        if image.mode != "L":
+            raise ValueError(f"PaletteLabelWriter writes single-channel uint8 label maps, got a PIL {image.mode!r} "
+                             "image (set output_dtype=numpy.uint8 and squeeze the channel).")  # fmt: skip
+        palette = Image.frombytes("P", image.size, image.tobytes())  # the pixel values stay the class numbers
+        colours = [LABEL_COLOURS[0]] + [LABEL_COLOURS[1 + (k - 1) % (len(LABEL_COLOURS) - 1)] for k in range(1, 256)]
+        palette.putpalette([c for rgb in colours for c in rgb])
+        return palette

@@ -277,12 +277,16 @@ class TokenizeReport(Transform):
         if self.cls_id is None or self.sep_id is None:
             raise ValueError("the tokenizer has neither CLS/SEP nor BOS/EOS tokens.")
 
-    def __call__(self, sentences: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, sentences: str | Sequence[str], name: str = "report") -> dict[str, torch.Tensor]:
+        """``name`` (``"report"``, ``"phrase"``) words the errors: a missing or empty text raises
+        :class:`ReportError`."""
+        if sentences is None:
+            raise ReportError(f"no {name} to tokenise (got None).")
         if isinstance(sentences, str):
             sentences = [sentences]
         sentences = [s for s in sentences if s and s.strip()]
         if not sentences:
-            raise ReportError("cannot tokenise a report with no sentence.")
+            raise ReportError(f"cannot tokenise an empty {name}: it has no sentence.")
         encoded = self.tokenizer(list(sentences), add_special_tokens=False)
         pieces = encoded["input_ids"]
         budget = self.max_length - 2
@@ -452,7 +456,7 @@ class TokenizeReportd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d.update(self.transform(d[key]))
+            d.update(self.transform(d[key], name=str(key)))
         return d
 
 

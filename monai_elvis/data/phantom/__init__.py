@@ -9,13 +9,13 @@ from monai_elvis.data.phantom.findings import DIFFICULTIES, FINDING_TYPES, Diffi
 from monai_elvis.data.phantom.generator import PhantomGenerator, PhantomStudy, lesion_contrast
 from monai_elvis.data.phantom.render import Framing, RenderSettings, render
 from monai_elvis.data.phantom.reports import MS_CXR_CATEGORY, compose_report
-from monai_elvis.data.phantom.writer import MS_CXR_COLUMNS, draw_contact_sheet, write_phantom
+from monai_elvis.data.phantom.writer import MS_CXR_COLUMNS, PhantomWorkerError, draw_contact_sheet, write_phantom
 
 __all__ = [
     "AnatomyError", "PhantomAnatomy", "default_ct_files", "FINDING_TYPES", "Finding", "FindingSettings", "Difficulty",
     "DIFFICULTIES", "Framing", "sample_finding",
     "PhantomGenerator", "PhantomStudy", "lesion_contrast", "RenderSettings", "render", "MS_CXR_CATEGORY", "compose_report",
-    "MS_CXR_COLUMNS", "draw_contact_sheet", "write_phantom", "prepare_phantom",
+    "MS_CXR_COLUMNS", "PhantomWorkerError", "draw_contact_sheet", "write_phantom", "prepare_phantom",
 ]  # fmt: skip
 
 

@@ -8,6 +8,9 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import pickle
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +25,7 @@ from monai_elvis.data.phantom.generator import PhantomGenerator
 from monai_elvis.keys import Keys
 from monai_elvis.transforms.report import ExtractReportSections
 
-__all__ = ["write_phantom", "draw_contact_sheet", "MS_CXR_COLUMNS"]
+__all__ = ["write_phantom", "draw_contact_sheet", "MS_CXR_COLUMNS", "PhantomWorkerError"]
 
 logger = logging.getLogger(__name__)
 MS_CXR_COLUMNS = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width",
@@ -32,10 +35,47 @@ _GENERATOR: PhantomGenerator | None = None  # set in each worker process by _ini
 _OUT: Path | None = None
 
 
-def _init_worker(generator: PhantomGenerator, out: Path) -> None:
+_WORKER_HELP = (
+    "The render workers are started with 'spawn': each one runs the main script again first, so a script that "
+    "calls prepare_phantom / write_phantom at its top level (without an `if __name__ == \"__main__\":` guard) "
+    "cannot start them. Put the call under `if __name__ == \"__main__\":`, or pass workers=1 (one process), or "
+    "run `python -m monai_elvis.data.phantom --out DIR` instead."
+)
+
+
+class PhantomWorkerError(RuntimeError):
+    """A phantom render worker process died (or could not start): raised instead of waiting for it forever."""
+
+
+def _refuse_in_spawned_main() -> None:
+    """Fail at once inside a new worker that is re-running the caller's main script (the spawn start method runs
+    it before the worker starts), where a nested pool could only start more such workers. ``_inheriting`` is the
+    flag multiprocessing itself checks for this."""
+    bootstrapping = getattr(mp.current_process(), "_inheriting", False)
+    if bootstrapping and getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__":
+        raise PhantomWorkerError("a phantom render worker is running the main script again. " + _WORKER_HELP)
+
+
+def _spawn_can_run_main() -> bool:
+    """Whether spawned workers can import the main module: not when it is a script read from stdin (``python -``),
+    whose "file" ``<stdin>`` they cannot open."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):  # python -m: imported by name
+        return True
+    path = getattr(main, "__file__", None)
+    return path is None or os.path.isfile(path)
+
+
+def _init_worker(generator: PhantomGenerator | str, out: Path) -> None:
+    """Set the worker's generator: the object, or the path of its pickle (see :func:`write_phantom`)."""
+    import pickle
+
     import torch
 
     torch.set_num_threads(1)
+    if isinstance(generator, str):
+        with open(generator, "rb") as f:
+            generator = pickle.load(f)
     global _GENERATOR, _OUT
     _GENERATOR, _OUT = generator, out
 
@@ -74,7 +114,18 @@ def write_phantom(
     ``reports/*.txt``, ``datalist.json`` (entries with ``image``, ``label``, ``report``), ``ms_cxr.csv``
     (the MS-CXR columns, one row per finding box), ``phantom.json`` (settings and every study's findings).
     The index files are written last and atomically, so a folder with ``datalist.json`` is complete.
+
+    ``workers > 1`` renders in that many worker processes (started with "spawn"). A worker that dies stops the
+    call with a :class:`PhantomWorkerError` saying why and what to do (never a hang: a dead worker is not
+    replaced). Call it from a script under ``if __name__ == "__main__":``, or pass ``workers=1``; a script read
+    from stdin (``python -``), where workers cannot start, renders in its own process.
     """
+    if workers > 1:
+        _refuse_in_spawned_main()
+        if not _spawn_can_run_main():
+            logger.warning("the main script was read from stdin, where worker processes cannot start: rendering the "
+                           "phantom in this process (workers=1)")  # fmt: skip
+            workers = 1
     out = Path(out)
     for sub in ("images", "labels", "masks", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -82,13 +133,29 @@ def write_phantom(
     start = time.perf_counter()
     studies: list[dict] = []
     if workers > 1:
-        # spawn, not fork: a forked child of a process that has used torch's OpenMP pool can hang
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        # spawn, not fork: a forked child of a process that has used torch's OpenMP pool can hang. An executor,
+        # not multiprocessing.Pool: the Pool replaces a dead worker and waits forever for its lost results
+        # The generator (about 100 MB with its caches) reaches the workers through a file: sent through the spawn
+        # pipe, it blocks the parent forever when a worker dies before reading it all (CPython closes its copy of
+        # the pipe's read end only after the write), and the death is never noticed.
         ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(generator, out)) as pool:
-            for record in pool.imap(_write_study, range(num), chunksize=8):
-                studies.append(record)
-                if progress:
-                    progress(len(studies), num, time.perf_counter() - start)
+        try:
+            with tempfile.TemporaryDirectory(prefix="monai_elvis_phantom_") as tmp:
+                state = os.path.join(tmp, "generator.pkl")
+                with open(state, "wb") as f:
+                    pickle.dump(generator, f, protocol=pickle.HIGHEST_PROTOCOL)
+                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(state, out))
+                with pool:
+                    for record in pool.map(_write_study, range(num), chunksize=8):
+                        studies.append(record)
+                        if progress:
+                            progress(len(studies), num, time.perf_counter() - start)
+        except BrokenProcessPool as e:
+            raise PhantomWorkerError(f"a phantom render worker died after {len(studies)} of {num} studies "
+                                     f"(its error, if any, is printed above). {_WORKER_HELP}") from e
     else:
         _init_worker(generator, out)
         for i in range(num):
