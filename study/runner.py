@@ -187,8 +187,9 @@ class StudyRunner:
         parser.read_config(_bundle("elvis_pretrain", "train.json") + self._scale_files())
         if self.cfg.image_size:
             parser.update({"image_size": self.cfg.image_size})
-        arch = {k: parser[k] for k in ("image_arch", "image_widen_factor", "image_output_stride", "embed_dim",
-                                       "shared_projection", "projection_layers", "text_global_pooling")}  # fmt: skip
+        arch = {k: parser[k] for k in ("image_arch", "image_widen_factor", "image_output_stride", "image_global_pool",
+                                       "embed_dim", "shared_projection", "projection_layers", "text_global_pooling",
+                                       "grounding_text_feature", "grounding_similarity")}  # fmt: skip
         return {"ckpt_dir": str(root / "models"), **arch,
                 "image_size": parser.get_parsed_content("image_size"), "dataset_dir": str(Path(self.cfg.dataset_dir).resolve())}  # fmt: skip
 

@@ -97,3 +97,20 @@ def test_metrics_json_names_vector_metrics_and_writes_nan_as_null(tmp_path):
                                                        "raw": [1.0, 2.0], "cnr": None}  # fmt: skip
     with pytest.raises(ValueError, match="'dice' has 2 values but 1 names"):
         MetricsJSONHandler(path, names={"dice": ["nodule"]})(Engine())
+
+
+def test_region_similarity_map_global_feature_and_dot_product():
+    out = {
+        OutKeys.IMAGE_LOCAL: torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]]),
+        OutKeys.TEXT_SENTENCE: torch.tensor([[[0.0, 1.0]]]),
+        OutKeys.TEXT_GLOBAL: torch.tensor([[3.0, 0.0]]),  # the phrase's global feature points along x
+        OutKeys.IMAGE_GRID: (2, 2),
+    }
+    dot = region_similarity_map(out, normalize=False, text_feature="global", similarity="dot")
+    assert torch.allclose(dot, torch.tensor([[[[2.0, 0.0], [1.0, 0.0]]]]))  # <v_i, t / |t|>
+    cos = region_similarity_map(out, normalize=False, text_feature="global")
+    assert torch.allclose(cos, torch.tensor([[[[1.0, 0.0], [2**-0.5, 0.0]]]]), atol=1e-6)
+    with pytest.raises(ValueError, match="text_feature"):
+        region_similarity_map(out, text_feature="word")
+    with pytest.raises(ValueError, match="similarity"):
+        region_similarity_map(out, similarity="l2")

@@ -220,3 +220,11 @@ def test_probe_labels_and_side_accuracy(tmp_path):
     logits[0, 2], logits[1, 2], logits[1, 0] = -1.0, 2.0, -3.0  # effusion both right; the nodule wrong
     acc = side_accuracy(logits, sides)
     assert acc[2].item() == 1.0 and acc[0].item() == 0.0 and math.isnan(acc[4].item())
+
+
+def test_zero_shot_scores_take_the_best_prompt_of_each_class():
+    image = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    positives = [torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])]  # "left" and "right" prompts of one class
+    negatives = [torch.tensor([[0.0, 0.0, 1.0]])]
+    # each image matches one of the two positives exactly: 1 - 0 for both, where a mean prompt would give 0.71
+    assert torch.allclose(zero_shot_scores(image, positives, negatives), torch.tensor([[1.0], [1.0]]))

@@ -321,3 +321,39 @@ def test_elvis_unet_from_a_pretraining_checkpoint_and_frozen(tmp_path):
         ElvisUNet(1, 2, "resnet18", 0.25, pretrained_ckpt=tmp_path / "model.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         ElvisUNet(1, 2, "resnet18", 0.125, pretrained_ckpt=tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("stride,grid", [(32, (6, 4)), (16, (12, 8)), (8, (24, 16))])
+def test_image_encoder_output_stride_keeps_the_weights(stride, grid):
+    """A dilated encoder has exactly the parameters of the stride-32 one, so a state dict moves between them; the
+    grid of a 192 x 128 input is 192 / stride x 128 / stride."""
+    base = CXRImageEncoder("resnet18", 1, 0.125).eval()
+    enc = CXRImageEncoder("resnet18", 1, 0.125, output_stride=stride).eval()
+    enc.load_state_dict(base.state_dict())  # every key and shape fits
+    local, global_, got = enc.forward_with_grid(torch.randn(2, 1, 192, 128))
+    assert got == grid and local.shape == (2, grid[0] * grid[1], enc.out_channels)
+    if stride == 32:
+        assert torch.equal(enc(torch.ones(1, 1, 64, 64))[0], base(torch.ones(1, 1, 64, 64))[0])
+    with pytest.raises(ValueError, match="output_stride"):
+        CXRImageEncoder("resnet18", 1, 0.125, output_stride=4)
+
+
+def test_image_encoder_max_global_pool():
+    enc = CXRImageEncoder("resnet18", 1, 0.125, global_pool="max").eval()
+    local, global_ = enc(torch.randn(2, 1, 64, 64))
+    assert torch.equal(global_, local.amax(1))
+    with pytest.raises(ValueError, match="global_pool"):
+        CXRImageEncoder("resnet18", 1, 0.125, global_pool="sum")
+
+
+def test_elvis_net_shared_projection_uses_one_head_per_modality():
+    text = ReportTextEncoder(config={"vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "intermediate_size": 32})  # fmt: skip
+    net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125), text, embed_dim=8, projection_layers=1, shared_projection=True)
+    assert net.image_global_head is net.image_local_head and net.text_global_head is net.text_local_head
+    separate = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125), text, embed_dim=8, projection_layers=1)
+    assert separate.image_global_head is not separate.image_local_head
+    # the state dict keeps both names, so checkpoints load in either layout's code paths
+    assert set(net.state_dict()) == set(separate.state_dict())
+    separate.load_state_dict(net.state_dict())
+    assert torch.equal(separate.image_global_head.net[0].weight, separate.image_local_head.net[0].weight)

@@ -19,16 +19,21 @@ TEXT_META_KEYS = (Keys.INPUT_IDS, Keys.ATTENTION_MASK, Keys.SENTENCE_INDEX)
 
 
 def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = None, normalize: bool = True,
-                          sigma: float = 0.0, text_feature: str = "sentence") -> torch.Tensor:  # fmt: skip
+                          sigma: float = 0.0, text_feature: str = "sentence", similarity: str = "cosine") -> torch.Tensor:  # fmt: skip
     """Cosine similarity between each projected region ``v_i`` and the phrase, as a ``[B, 1, h, w]`` map from the
     output dict of :class:`~monai_elvis.networks.ElvisNet`. The phrase is its first sentence's projected feature
     ``t_0`` (``text_feature="sentence"``) or its projected global feature ``t`` (``"global"``: the text
-    encoder's [CLS], the feature the global alignment trains).
+    encoder's [CLS], the feature the global alignment trains). ``similarity="dot"`` leaves the regions unnormalised
+    (``<v_i, t / |t|>``): a region's share of the image-phrase score when the global feature pools the regions, as
+    in class activation maps; ``"cosine"`` normalises each region.
 
     It is bilinearly upsampled to ``size`` when given, then smoothed by a Gaussian of standard deviation ``sigma``
     pixels (of that size; 0: none), then min-max scaled per image to ``[0, 1]`` when ``normalize``.
     """
-    regions = l2_normalize(out[OutKeys.IMAGE_LOCAL].float())  # [B, N, d]
+    if similarity not in ("cosine", "dot"):
+        raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}.")
+    regions = out[OutKeys.IMAGE_LOCAL].float()  # [B, N, d]
+    regions = l2_normalize(regions) if similarity == "cosine" else regions
     if text_feature not in ("sentence", "global"):
         raise ValueError(f"text_feature must be 'sentence' or 'global', got {text_feature!r}.")
     text = out[OutKeys.TEXT_SENTENCE][:, 0] if text_feature == "sentence" else out[OutKeys.TEXT_GLOBAL]
@@ -63,19 +68,23 @@ class PhraseGroundingInferer(Inferer):
         normalize: min-max scale each map to ``[0, 1]``.
         sigma: Gaussian smoothing of the upsampled map, in pixels of the network input (0: none).
         text_feature: the phrase's ``"sentence"`` or ``"global"`` feature (see :func:`region_similarity_map`).
+        similarity: ``"cosine"`` or ``"dot"`` (see :func:`region_similarity_map`).
     """
 
-    def __init__(self, normalize: bool = True, sigma: float = 0.0, text_feature: str = "sentence") -> None:
+    def __init__(self, normalize: bool = True, sigma: float = 0.0, text_feature: str = "sentence",
+                 similarity: str = "cosine") -> None:  # fmt: skip
         super().__init__()
         self.normalize = normalize
         self.sigma = float(sigma)
         self.text_feature = text_feature
+        self.similarity = similarity
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not args and not kwargs:
             kwargs = self._text_from_meta(inputs)
         out = network(inputs, *args, **kwargs)
-        return region_similarity_map(out, tuple(inputs.shape[-2:]), self.normalize, self.sigma, self.text_feature)
+        return region_similarity_map(out, tuple(inputs.shape[-2:]), self.normalize, self.sigma, self.text_feature,
+                                     self.similarity)
 
     @staticmethod
     def _text_from_meta(inputs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -26,15 +26,17 @@ TextEmbedder = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
 """``embed(phrases) -> {"global": [P, d], "sentence": [P, d]}``: projected report-level and first-sentence
 embeddings of each phrase (see :class:`monai_elvis.engines.PromptEncoder`)."""
 
-# finding kind -> (positive prompts, negative prompts); the positives name each side where the kind has one
+_LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
+
+# finding kind -> (positive prompts, negative prompts): one positive per place the phantom puts the finding (a
+# class scores by its best-matching positive, so "left" and "right" prompts do not blur into each other)
 FINDING_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "nodule": (("nodule in the right upper lobe", "nodule in the left lower lobe", "pulmonary mass"),
-               ("no pulmonary nodules or masses",)),
-    "opacity": (("opacity in the right lower lobe", "consolidation in the left upper lobe"), ("no focal consolidation",)),
+    "nodule": (tuple(f"nodule in the {lobe}" for lobe in _LOBES), ("no pulmonary nodules or masses",)),
+    "opacity": (tuple(f"consolidation in the {lobe}" for lobe in _LOBES), ("no focal consolidation",)),
     "effusion": (("right pleural effusion", "left pleural effusion"), ("no pleural effusion",)),
     "pneumothorax": (("right pneumothorax", "left pneumothorax"), ("no pneumothorax",)),
     "cardiomegaly": (("the heart is enlarged", "enlarged cardiac silhouette"), ("heart size is normal",)),
-    "atelectasis": (("atelectasis in the right lower lobe", "atelectasis in the left lower lobe"), ("no atelectasis",)),
+    "atelectasis": (tuple(f"atelectasis in the {lobe}" for lobe in _LOBES), ("no atelectasis",)),
 }  # fmt: skip
 
 # phrases for the phrase-sensitivity measure: (phrase, side named or "")
@@ -46,15 +48,22 @@ SIDE_PHRASES: tuple[tuple[str, str], ...] = (
 )  # fmt: skip
 
 
-def zero_shot_scores(image: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-    """Per image and class, ``cos(image, positive_c) - cos(image, negative_c)``.
+def zero_shot_scores(image: torch.Tensor, positive: torch.Tensor | Sequence[torch.Tensor],
+                     negative: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """Per image and class, the cosine similarity to the class's best-matching positive prompt minus that to its
+    best-matching negative prompt.
 
-    Shapes: ``image [N, d]``, ``positive [K, d]``, ``negative [K, d]`` (each the mean of the normalised
-    embeddings of a class's prompts) -> ``[N, K]``.
+    Shapes: ``image [N, d]``; ``positive`` and ``negative`` either ``[K, d]`` (one prompt per class) or ``K``
+    tensors ``[P_k, d]`` (several prompts per class) -> ``[N, K]``.
     """
     check_ndim(image, "image", 2, "[N, d]")
     img = l2_normalize(image.float())
-    return img @ l2_normalize(positive.float()).T - img @ l2_normalize(negative.float()).T
+
+    def best(prompts) -> torch.Tensor:
+        groups = [p[None] for p in prompts] if isinstance(prompts, torch.Tensor) else list(prompts)
+        return torch.stack([(img @ l2_normalize(g.float().to(img.device)).T).amax(1) for g in groups], dim=1)
+
+    return best(positive) - best(negative)
 
 
 def zero_shot_auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -144,9 +153,10 @@ class ZeroShotClassificationMetric(_PromptMetric):
     """Zero-shot classification AUC: ``metric(y_pred=image_global [B, d], y=labels [B, K])`` per batch, then
     ``aggregate()`` returns the AUC per class ``[K]`` (``reduction="none"``) or their mean (``"mean"``, default).
 
-    Each class is scored by :func:`zero_shot_scores`: the image's similarity to the mean embedding of the
-    class's positive prompts minus that to its negative prompts (the protocol of GLoRIA and BioViL, with one
-    negative prompt per class as the phantom's reports state absent findings). Chance: 0.5.
+    Each class is scored by :func:`zero_shot_scores`: the image's similarity to the best-matching of the class's
+    positive prompts minus that to its negative prompt (GLoRIA's and BioViL's prompt protocol, with a
+    negative prompt per class as the phantom's reports state absent findings, and the best positive rather than
+    the mean, since the positives name places an image shows one of). Chance: 0.5.
 
     Args:
         embed: a :data:`TextEmbedder` (the network's projected global text embedding is used).
@@ -172,13 +182,11 @@ class ZeroShotClassificationMetric(_PromptMetric):
                              f"got {None if y is None else tuple(y.shape)}.")  # fmt: skip
         self.extend(y_pred.detach().float(), y.detach().float())
 
-    def class_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positive [K, d], negative [K, d])``: the mean normalised embedding of each class's prompts."""
-        pos, neg = [], []
-        for positives, negatives in self.prompts.values():
-            pos.append(l2_normalize(self.embed(list(positives))["global"].float()).mean(0))
-            neg.append(l2_normalize(self.embed(list(negatives))["global"].float()).mean(0))
-        return torch.stack(pos), torch.stack(neg)
+    def class_embeddings(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(positives, negatives)``: per class, the embeddings ``[P_k, d]`` of its prompts."""
+        pos = [self.embed(list(p))["global"].float() for p, _ in self.prompts.values()]
+        neg = [self.embed(list(n))["global"].float() for _, n in self.prompts.values()]
+        return pos, neg
 
     def aggregate(self) -> torch.Tensor:
         if not _has_data(self):
@@ -186,7 +194,7 @@ class ZeroShotClassificationMetric(_PromptMetric):
             return torch.full((len(self.prompts),) if self.reduction == "none" else (), float("nan"))
         image, labels = self._data()
         pos, neg = self.class_embeddings()
-        auc = zero_shot_auc(zero_shot_scores(image, pos.to(image.device), neg.to(image.device)), labels)
+        auc = zero_shot_auc(zero_shot_scores(image, pos, neg), labels)
         return auc if self.reduction == "none" else auc.nanmean()
 
 
