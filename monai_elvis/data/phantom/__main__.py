@@ -25,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structures", help="CSV with 'structure' and 'id' columns for --labels")
     parser.add_argument("--cache", help="cache folder (default $MONAI_ELVIS_CACHE or ~/.cache/monai_elvis)")
     parser.add_argument("--contact-sheet", help="also draw a contact sheet PNG of the first 16 studies here")
+    parser.add_argument("--difficulty", default="easy", choices=["easy", "realistic"],
+                        help="how conspicuous the findings are (default easy: learnable by the tiny model at 128 px)")
+    parser.add_argument("--contrast", type=float, help="factor on each lesion's attenuation change (overrides --difficulty)")
+    parser.add_argument("--size-scale", type=float, help="factor on lesion sizes (overrides --difficulty)")
+    parser.add_argument("--texture", type=float, help="share of an opacity left aerated, 0-1 (overrides --difficulty)")
+    parser.add_argument("--lung-field", type=float,
+                        help="least share of a nodule, opacity or atelectasis in the open lung field (overrides --difficulty)")
+    parser.add_argument("--framing", default="thorax", choices=["thorax", "full"],
+                        help="thorax: the lungs fill the image as on a PA film; full: the whole projection of the CT")
     args = parser.parse_args(argv)
 
     try:
@@ -41,8 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     except AnatomyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    generator = PhantomGenerator(anatomy, size=args.size, seed=args.seed, normal_fraction=args.normal_fraction,
-                                 max_findings=args.max_findings)  # fmt: skip
+    from dataclasses import replace
+
+    from monai_elvis.data.phantom import DIFFICULTIES, RenderSettings
+
+    explicit = {k: v for k, v in (("contrast", args.contrast), ("size_scale", args.size_scale),
+                                  ("texture", args.texture), ("lung_field", args.lung_field)) if v is not None}  # fmt: skip
+    try:
+        difficulty = replace(DIFFICULTIES[args.difficulty], **explicit) if explicit else args.difficulty
+        generator = PhantomGenerator(anatomy, size=args.size, seed=args.seed, normal_fraction=args.normal_fraction,
+                                     max_findings=args.max_findings, difficulty=difficulty,
+                                     settings=RenderSettings(framing=args.framing))  # fmt: skip
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     step = max(1, args.num // 20)
 
     def progress(done: int, total: int, elapsed: float) -> None:
