@@ -90,7 +90,7 @@ def _load_split(data_dir: Path, split: str, size: int, labels: dict) -> tuple[to
 def run_phantom_probe(
     data_dir: str | Path,
     image_size: int = 128,
-    epochs: int = 8,
+    epochs: int = 20,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     seed: int = 0,
