@@ -120,8 +120,11 @@ class ReportTextEncoder(nn.Module):
             hf_config = AutoConfig.from_pretrained(
                 path, trust_remote_code=trust_remote_code, local_files_only=local_files_only
             )
+            # BERT's pooler is never used (see below); not building it keeps transformers from reporting its
+            # weights as missing when a saved encoder (saved without it) is loaded again
+            extra = {"add_pooling_layer": False} if getattr(hf_config, "model_type", "") == "bert" else {}
             self.model = AutoModel.from_pretrained(
-                path, config=hf_config, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+                path, config=hf_config, trust_remote_code=trust_remote_code, local_files_only=local_files_only, **extra
             )
         if getattr(self.model, "pooler", None) is not None:
             # the pooler (BERT's tanh head on [CLS]) is never used here: dropping it keeps the state dict the same
