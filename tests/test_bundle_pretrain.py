@@ -24,6 +24,15 @@ TINY = dict(phantom_num=40, phantom_size=64, image_size=64, batch_size=8, num_wo
             vocab_size=1000)  # fmt: skip
 
 
+def _network(*overlays):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([TRAIN, *map(str, overlays)])
+    parser.update({"vocab_size": TINY["vocab_size"]})
+    return parser.get_parsed_content("network_def")
+
+
 def _run(config_files, bundle_root, dataset_dir, **overrides):
     bundle_run(config_file=[str(c) for c in config_files], meta_file=str(CONFIGS / "metadata.json"),
                logging_file=str(CONFIGS / "logging.conf"), bundle_root=str(bundle_root),
@@ -35,7 +44,7 @@ def test_train_workflow_properties(phantom, tmp_path):
                               bundle_root=str(tmp_path), dataset_dir=str(phantom), **TINY)  # fmt: skip
     workflow.initialize()
     assert workflow.check_properties() == []
-    assert workflow.max_epochs == 10 and workflow.dataset_dir == str(phantom)
+    assert workflow.max_epochs == 30 and workflow.dataset_dir == str(phantom)
 
 
 @pytest.mark.parametrize("objective", ["elvis", "lovt", "gloria", "convirt"])
@@ -44,20 +53,26 @@ def test_two_iterations_per_objective(objective, phantom, tmp_path):
     _run([TRAIN, overlay], tmp_path, phantom, max_epochs=1, epoch_length=2)
     models = tmp_path / "models"
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
-    pooling = json.loads(overlay.read_text()).get("network_def#global_pooling", "encoder")  # LoVT: "attention"
-    net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125),
-                   ReportTextEncoder(config={"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
-                                             "num_attention_heads": 2, "intermediate_size": 128,
-                                             "max_position_embeddings": 128}), global_pooling=pooling)  # fmt: skip
+    net = _network(overlay)  # the architecture as the bundle's configs define it
     net.load_state_dict(state)  # a plain state dict of the network
     assert ReportTextEncoder(models / "text_model").hidden_size == 64
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["epoch"] == 1
-    assert set(metrics["metrics"]) == {"val_recall_at_1", "val_recall_at_5", "val_recall_at_10", "val_locality",
-                                       "val_grounding_cnr", "val_grounding_pointing"}  # fmt: skip
+    figures = {"val_zero_shot_auc", "val_zero_shot_auc_per_class", "val_recall_at_10", "val_precision_at_10",
+               "val_locality", "val_map_correlation", "val_grounding_cnr", "val_grounding_pointing",
+               "val_grounding_side", "val_grounding_miou"}  # fmt: skip
+    chances = {"val_zero_shot_auc", "val_recall_at_10", "val_precision_at_10", "val_map_correlation",
+               "val_grounding_cnr", "val_grounding_pointing", "val_grounding_side"}  # fmt: skip
+    assert set(metrics["metrics"]) == figures | {f"{k}_chance" for k in chances}
     m = metrics["metrics"]
-    assert all(0 <= m[k] <= 1 for k in ("val_recall_at_1", "val_recall_at_5", "val_recall_at_10", "val_grounding_pointing"))
+    assert set(m["val_zero_shot_auc_per_class"]) == {"nodule", "opacity", "effusion", "pneumothorax", "cardiomegaly",
+                                                     "atelectasis"}  # fmt: skip
+    assert m["val_recall_at_10_chance"] == 1.0  # 4 validation pairs: any 10 hold the match
+    assert m["val_zero_shot_auc_chance"] == 0.5 and m["val_grounding_side_chance"] == 0.5
+    assert all(0 <= m[k] <= 1 for k in ("val_recall_at_10", "val_precision_at_10", "val_grounding_pointing"))
     assert -1 <= m["val_locality"] <= 1 and m["val_grounding_cnr"] >= 0
+    history = (tmp_path / "eval" / "metrics_history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 1]  # the retrieval and the grounding evaluators
 
 
 def test_resume_continues_after_the_last_epoch_and_evaluate(phantom, tmp_path):
@@ -83,7 +98,8 @@ def test_resume_continues_after_the_last_epoch_and_evaluate(phantom, tmp_path):
     # evaluate.json on the saved model, on the test split
     _run([TRAIN, CONFIGS / "evaluate.json"], tmp_path, phantom)
     test_metrics = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
-    assert "val_recall_at_1" in test_metrics["metrics"]
+    assert {"val_zero_shot_auc", "val_recall_at_10", "val_grounding_cnr", "val_grounding_side"} <= set(
+        test_metrics["metrics"])
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings_and_starts_over_on_request(phantom, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cell(value) -> str:
@@ -97,10 +98,17 @@ def _phantom_probe(args: argparse.Namespace) -> None:
         return
     rows = [{**r, "auc": f"{r['auc']:.3f}", "side_accuracy": "-" if r["side_accuracy"] is None else f"{r['side_accuracy']:.3f}"}
             for r in result["records"]]  # fmt: skip
+    summary = (f"{args.difficulty} phantom ({data_dir}): {result['train']} training / {result['test']} test studies "
+               f"at {result['image_size']} px, {result['steps']} steps; {result['seconds']:.0f} s in all "
+               f"({result['train_seconds']:.0f} s training)")  # fmt: skip
     print(_table(rows, ["kind", "auc", "side_accuracy", "test_positives"]))
-    print(f"{args.difficulty} phantom ({data_dir}): {result['train']} training / {result['test']} test studies at "
-          f"{result['image_size']} px, {result['steps']} steps; {result['seconds']:.0f} s in all "
-          f"({result['train_seconds']:.0f} s training)")  # fmt: skip
+    print(summary)
+    if args.out:
+        md = ["| kind | AUC | side accuracy | test positives |", "| --- | ---: | ---: | ---: |"]
+        md += [f"| {r['kind']} | {r['auc']} | {r['side_accuracy']} | {r['test_positives']} |" for r in rows]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(md) + f"\n\n{summary}.\n", encoding="utf-8")
+        print(f"wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=128, help="training resolution (the pre-training bundle's)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
+    p.add_argument("--out", help="also write the table as Markdown to this file")
     p.set_defaults(func=_phantom_probe)
     args = parser.parse_args(argv)
     args.func(args)
