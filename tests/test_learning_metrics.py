@@ -228,3 +228,24 @@ def test_zero_shot_scores_take_the_best_prompt_of_each_class():
     negatives = [torch.tensor([[0.0, 0.0, 1.0]])]
     # each image matches one of the two positives exactly: 1 - 0 for both, where a mean prompt would give 0.71
     assert torch.allclose(zero_shot_scores(image, positives, negatives), torch.tensor([[1.0], [1.0]]))
+
+
+def test_grounding_figure_from_a_pretrained_bundle(pretrained_bundle, phantom, tmp_path):
+    from pathlib import Path
+
+    from monai_elvis.engines.__main__ import main
+    from monai_elvis.engines.figures import grounding_maps
+
+    config = Path(__file__).resolve().parents[1] / "bundles" / "elvis_grounding" / "configs" / "inference.json"
+    image = str(phantom / json.loads((phantom / "datalist.json").read_text())["test"][0]["image"])
+    images, maps = grounding_maps([config], [image, image], ["left pleural effusion", "cardiomegaly"],
+                                  ckpt_dir=str(pretrained_bundle / "models"))  # fmt: skip
+    assert images.shape == (2, 128, 128) and maps.shape == (2, 2, 128, 128)
+    assert np.allclose(maps[0], maps[1])  # the same image twice: the same maps
+    assert maps.min() >= 0 and maps.max() <= 1
+    out = tmp_path / "fig.png"
+    assert main(["grounding-figure", "--ckpt-dir", str(pretrained_bundle / "models"), "--images", image,
+                 "--phrases", "left pleural effusion", "cardiomegaly", "--out", str(out)]) == 0  # fmt: skip
+    assert out.stat().st_size > 1000
+    assert main(["grounding-figure", "--ckpt-dir", str(tmp_path / "none"), "--images", image, "--phrases", "a",
+                 "--out", str(out)]) == 2  # fmt: skip

@@ -27,11 +27,11 @@ def grounding_maps(config_files: Sequence[str | os.PathLike], images: Sequence[s
     parser = ConfigParser()
     parser.read_config([str(f) for f in config_files])
     parser.update(overrides)
-    network = parser.get_parsed_content("network")
     ckpt = Path(parser.get_parsed_content("ckpt_dir")) / "model.pt"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"no pre-trained model at {ckpt}: run the pre-training bundle first, then point "
-                                "--ckpt_dir at its models folder.")  # fmt: skip
+    if not ckpt.is_file() or not (ckpt.parent / "text_model").is_dir():
+        raise FileNotFoundError(f"no pre-trained model at {ckpt.parent} (model.pt and text_model/): run the "
+                                "pre-training bundle first, then point --ckpt-dir at its models folder.")  # fmt: skip
+    network = parser.get_parsed_content("network")
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
     network.eval()
     preprocessing = parser.get_parsed_content("preprocessing")
