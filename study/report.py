@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import json
 import math
 import shutil
@@ -75,6 +77,16 @@ def summary_tables(records: Sequence[dict]) -> dict[str, str]:
     return {"overall": overall, "cnr_by_category": cnr_table, "dice": dice}
 
 
+def _yerr(stats: Sequence[tuple[float, float, int]], top: float | None = None) -> np.ndarray:
+    """``[2, K]`` error bars of ``(mean, std, n)`` clipped to the figure's range: no bar below 0 (and, with
+    ``top``, none above it); a NaN std (one seed) draws no bar."""
+    mean = np.array([st[0] for st in stats], float)
+    std = np.nan_to_num(np.array([st[1] for st in stats], float))
+    low = np.minimum(std, np.clip(np.nan_to_num(mean), 0.0, None))
+    high = std if top is None else np.minimum(std, np.clip(top - np.nan_to_num(mean), 0.0, None))
+    return np.stack([low, high])
+
+
 def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] | None = None,
           phrases: Sequence[dict] | None = None) -> list[Path]:  # fmt: skip
     """``cnr_per_category.png``, ``dice_vs_fraction.png``, ``locality.png`` and, with heatmap folders,
@@ -95,7 +107,7 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
     for i, o in enumerate(objs):
         stats = [_ms(row.get("cnr") for r in grounding if r["objective"] == o for row in r["table"] if row["category"] == c)
                  for c in cats]  # fmt: skip
-        ax.bar(np.arange(len(cats)) + i * width, [s[0] for s in stats], width, yerr=[s[1] for s in stats],
+        ax.bar(np.arange(len(cats)) + i * width, [s[0] for s in stats], width, yerr=_yerr(stats),
                label=LABELS[o], capsize=2)  # fmt: skip
     ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2, cats, rotation=15)
     ax.set_ylabel("CNR (mean ± std over seeds)")
@@ -115,10 +127,13 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
             for o in objs:
                 stats = [_ms(r.get("test_mean_dice") for r in seg if r["objective"] == o and r["mode"] == m
                              and r["fraction"] == f) for f in fracs]  # fmt: skip
-                ax.errorbar([100 * f for f in fracs], [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o",
+                ax.errorbar([100 * f for f in fracs], [s[0] for s in stats], yerr=_yerr(stats, top=1.0), marker="o",
                             capsize=2, label=LABELS[o])  # fmt: skip
             ax.set_xscale("log")
-            ax.set_xlabel("labels used (%)")
+            ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+            ax.minorticks_off()
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("labels used")
             ax.set_ylabel("test mean Dice")
             ax.set_title(f"encoder {m}")
         axes[0][0].legend(fontsize=8)
@@ -130,7 +145,7 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
     loc = [r for r in records if r.get("step") == "locality"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     stats = [_ms(r.get("val_locality") for r in loc if r["objective"] == o) for o in objs]
-    ax.bar(range(len(objs)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3)
+    ax.bar(range(len(objs)), [s[0] for s in stats], yerr=_yerr(stats, top=1.0), capsize=3)
     ax.set_xticks(range(len(objs)), [LABELS[o] for o in objs], rotation=15, fontsize=8)
     ax.set_ylabel("locality preservation (Pearson r)")
     ax.set_title("Intra-image similarity before vs after projection")
@@ -159,8 +174,15 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
                 if i == 0:
                     ax.set_title(LABELS[o], fontsize=8)
                 if j == 0:
-                    ax.set_ylabel(p["phrase"][:32], fontsize=7)
-        fig.tight_layout()
+                    ax.set_ylabel("\n".join(textwrap.wrap(p["phrase"], 22)), fontsize=7)
+        from matplotlib.colors import ListedColormap
+
+        from monai_elvis.engines import heat_colormap
+
+        cmap = ListedColormap(heat_colormap(np.linspace(0, 1, 256)[None])[0])
+        fig.tight_layout(rect=(0, 0, 0.92, 1))
+        bar = fig.add_axes((0.94, 0.15, 0.015, 0.7))
+        fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), cax=bar, label="phrase-region similarity (scaled)")
         written.append(out_dir / "heatmaps.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
