@@ -49,11 +49,9 @@ class PromptEncoder:
     """
 
     def __init__(self, network: nn.Module, tokenizer: Any, max_length: int = 64) -> None:
-        from monai_elvis.transforms import TokenizeReport
-
         self.network = network
         self._tokenizer, self.max_length = tokenizer, max_length
-        self._tokenize: TokenizeReport | None = None
+        self._tokenize = None
 
     def __call__(self, phrases: Sequence[str]) -> dict[str, torch.Tensor]:
         from monai_elvis.data import collate_reports

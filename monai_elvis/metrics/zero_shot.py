@@ -1,7 +1,7 @@
 """Evaluation with text prompts: zero-shot classification, class-aware retrieval and phrase sensitivity.
 
-Each measure comes with its chance level (:func:`chance_levels` and the ``chance`` attribute of the metric
-classes), so that a log or a ``metrics.json`` says whether a figure means anything.
+Each measure comes with its chance level (the ``chance()`` method of the metric classes, read by
+:class:`~monai_elvis.engines.ChanceLevelHandler`), so that a log or a ``metrics.json`` says whether a figure means anything.
 """
 
 from __future__ import annotations
@@ -130,6 +130,12 @@ def _has_data(metric: Cumulative) -> bool:
     return len(buffers) > 0 and buffers[0] is not None and len(buffers[0]) > 0
 
 
+def _accumulated(metric: Cumulative) -> list[torch.Tensor]:
+    if not _has_data(metric):
+        raise ValueError(f"{type(metric).__name__} has nothing to aggregate: call it on batches first.")
+    return _buffers(metric)
+
+
 def _warn_no_labels(name: str) -> None:
     logger.warning("%s: no batch had class labels ('class_label'), so it reports NaN; give the datalist entries a "
                    "'findings' list of class names to measure it.", name)  # fmt: skip
@@ -144,9 +150,7 @@ class _PromptMetric(Cumulative):
         self.embed = embed
 
     def _data(self) -> list[torch.Tensor]:
-        if not _has_data(self):
-            raise ValueError(f"{type(self).__name__} has nothing to aggregate: call it on batches first.")
-        return _buffers(self)
+        return _accumulated(self)
 
 
 class ZeroShotClassificationMetric(_PromptMetric):
@@ -164,7 +168,9 @@ class ZeroShotClassificationMetric(_PromptMetric):
             (default :data:`FINDING_PROMPTS`).
     """
 
-    chance = 0.5
+    def chance(self) -> float:
+        """0.5: the AUC of scores unrelated to the labels."""
+        return 0.5
 
     def __init__(self, embed: TextEmbedder, prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None,
                  reduction: str = "mean") -> None:  # fmt: skip
@@ -220,9 +226,7 @@ class ClassAwareRetrievalMetric(Cumulative):
         self.extend(image.detach().float(), text.detach().float(), labels.detach().float())
 
     def _data(self) -> list[torch.Tensor]:
-        if not _has_data(self):
-            raise ValueError("ClassAwareRetrievalMetric has no embeddings: call it on batches first.")
-        return _buffers(self)
+        return _accumulated(self)
 
     def aggregate(self) -> torch.Tensor:
         if not _has_data(self):
@@ -250,7 +254,9 @@ class PhraseSensitivityMetric(_PromptMetric):
         text_feature: the phrase embedding, ``"sentence"`` or ``"global"``, as the grounding inferer uses.
     """
 
-    chance = 1.0  # a map that ignores the phrase
+    def chance(self) -> float:
+        """1.0: the correlation of maps that ignore the phrase."""
+        return 1.0
 
     def __init__(self, embed: TextEmbedder, phrases: Sequence[tuple[str, str]] = SIDE_PHRASES,
                  text_feature: str = "sentence") -> None:  # fmt: skip
