@@ -195,7 +195,7 @@ def test_evaluation_on_the_phantom_ms_cxr_csv(grounding_root, phantom, tmp_path)
     assert sum(r["n"] for r in table[:-1]) == len(phrases)
     assert table[-1]["cnr"] == pytest.approx(metrics["grounding_cnr"], rel=1e-5)
     assert table[-1]["pointing"] == pytest.approx(metrics["grounding_pointing"], rel=1e-5)
-    assert (eval_dir / "grounding_by_category.md").read_text().startswith("| category | n | cnr | miou | pointing |")
+    assert (eval_dir / "grounding_by_category.md").read_text().startswith("| category | n | cnr | miou | pointing | side |")
     assert len(json.loads((eval_dir / "groundings" / "groundings.json").read_text())) == len(phrases)
 
 
@@ -218,3 +218,6 @@ def test_report_handler_aggregates_per_category(tmp_path):
     assert list(rows) == ["Effusion", "Nodule", "all"]
     md = (tmp_path / "grounding_by_category.md").read_text().splitlines()
     assert md[2] == "| Effusion | 2 | 1.000 ± 0.000 | 0.250 ± 0.000 |"
+    items = json.loads((tmp_path / "grounding_items.json").read_text())  # every item, in order, unscored as None
+    assert items == {"category": ["Nodule", "Nodule", "Effusion", "Effusion"],
+                     "metrics": {"pointing": [1.0, 0.0, 1.0, None], "iou": [0.25, 0.0, 0.25, None]}}

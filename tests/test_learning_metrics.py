@@ -249,3 +249,53 @@ def test_grounding_figure_from_a_pretrained_bundle(pretrained_bundle, phantom, t
     assert out.stat().st_size > 1000
     assert main(["grounding-figure", "--ckpt-dir", str(tmp_path / "none"), "--images", image, "--phrases", "a",
                  "--out", str(out)]) == 2  # fmt: skip
+
+
+def test_item_values_are_what_the_figures_average_and_reach_a_file(tmp_path):
+    from monai_elvis.engines import ItemValuesWriter
+    from monai_elvis.metrics import LocalityPreservationMetric
+
+    # the hand-computed retrieval example of test_metrics: pair 0 misses image->report at k=1 but hits
+    # report->image; pair 1 misses both; pair 2 hits both -> per pair 0.5, 0, 1 (mean 0.5 = (1/3 + 2/3) / 2)
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    text = torch.tensor([[1.0, 0.1], [1.0, 0.0], [1.0, 1.0]])
+    recall = RetrievalRecallMetric(k=1)
+    recall(image, text)
+    assert recall.item_values().tolist() == [0.5, 0.0, 1.0]
+    assert recall.aggregate().item() == pytest.approx(0.5)
+    i2t = RetrievalRecallMetric(k=1, direction="i2t")
+    i2t(image, text)
+    assert i2t.item_values().tolist() == [0.0, 0.0, 1.0]
+    # class-aware precision per query (the example of test_class_aware_precision_counts_duplicate_reports)
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 1]])
+    text4 = torch.tensor([[0.5, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.4], [0.0, 0.9, 0.5, 1.0]])
+    precision = ClassAwareRetrievalMetric(k=2)
+    precision((torch.eye(4), text4), labels)
+    assert precision.item_values().tolist() == [1.0, 0.0, 0.5, 0.5]
+    # zero-shot: scores and labels, from which the AUC of any resample follows
+    vectors = {"effusion": [1.0, 0.0], "no effusion": [0.0, 1.0]}
+    zero_shot = ZeroShotClassificationMetric(lambda p: {"global": torch.tensor([vectors[x] for x in p])},
+                                             {"effusion": (["effusion"], ["no effusion"])})  # fmt: skip
+    zero_shot(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([[1], [0], [1]]))
+    scores, zs_labels = zero_shot.item_values()
+    assert scores[:, 0].tolist() == pytest.approx([1.0, -1.0, 0.0]) and zs_labels[:, 0].tolist() == [1, 0, 1]
+    locality = LocalityPreservationMetric()
+    pre = torch.randn(2, 5, 4)
+    locality(pre, pre)  # unchanged features: 1 per image
+    pointing = GroundingMetric("pointing")
+    box = torch.zeros(2, 1, 4, 4)
+    box[:, 0, :2, :2] = 1
+    heat = torch.zeros(2, 1, 4, 4)
+    heat[0, 0, 0, 0], heat[1, 0, 3, 3] = 1.0, 1.0
+    pointing(heat, box)
+    writer = ItemValuesWriter(tmp_path / "items.json", {"recall": recall, "precision": precision,
+                                                         "zero_shot": zero_shot, "locality": locality,
+                                                         "pointing": pointing})  # fmt: skip
+    writer()
+    written = json.loads((tmp_path / "items.json").read_text())["metrics"]
+    assert written["recall"] == [0.5, 0.0, 1.0] and written["precision"] == [1.0, 0.0, 0.5, 0.5]
+    assert written["locality"] == pytest.approx([1.0, 1.0]) and written["pointing"] == [1.0, 0.0]
+    assert np.allclose(written["zero_shot"][0], [[1.0], [-1.0], [0.0]], atol=1e-6)
+    assert written["zero_shot"][1] == [[1.0], [0.0], [1.0]]
+    with pytest.raises(TypeError, match="item_values"):
+        ItemValuesWriter(tmp_path / "x.json", {"bad": object()})

@@ -5,6 +5,7 @@ resumable runs that check their settings, and preparation helpers."""
 from monai_elvis.engines.evaluation import (
     LEARNING_FIGURES,
     ChanceLevelHandler,
+    ItemValuesWriter,
     MetricsHistoryHandler,
     PromptEncoder,
     learning_curve_table,
@@ -35,7 +36,7 @@ __all__ = [
     "ClampParametersHandler", "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
     "latest_checkpoint", "prepare_grounding_batch", "prepare_vlp_batch", "save_text_model",
     "GroundingReportHandler", "GroundingWriter", "heat_colormap", "phrase_slug",
-    "ChanceLevelHandler", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",
+    "ChanceLevelHandler", "ItemValuesWriter", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",
     "LEARNING_FIGURES",
     "ResumeSettingsError", "SETTINGS_FILE", "describe_settings", "settings_differences",
 ]  # fmt: skip

@@ -15,8 +15,8 @@ from torch import nn
 
 from monai_elvis.keys import Keys, OutKeys
 
-__all__ = ["PromptEncoder", "ChanceLevelHandler", "MetricsHistoryHandler", "learning_curve_table", "summarize_metrics",
-           "LEARNING_FIGURES"]
+__all__ = ["PromptEncoder", "ChanceLevelHandler", "ItemValuesWriter", "MetricsHistoryHandler", "learning_curve_table",
+           "summarize_metrics", "LEARNING_FIGURES"]
 
 # metric name -> (what it is, goal on the default phantom run); the figures the pre-training run summarises
 LEARNING_FIGURES: dict[str, tuple[str, str]] = {
@@ -106,6 +106,54 @@ class ChanceLevelHandler:
             parts.append(f"{key} {value:.3f} (chance {chance:.3f})")
         if parts:
             self.logger.info("; ".join(parts))
+
+
+def _listed(value: Any) -> Any:
+    """A tensor (or a tuple of them) as nested JSON lists, NaN as ``None``."""
+    if isinstance(value, (tuple, list)):
+        return [_listed(v) for v in value]
+    values = torch.as_tensor(value).detach().float().cpu()
+    if values.ndim > 1:
+        return [_listed(v) for v in values]
+    return [None if math.isnan(x) else x for x in values.tolist()]
+
+
+class ItemValuesWriter:
+    """Write the value of every evaluated item for each metric (its ``item_values()``) to a JSON file when the
+    evaluator completes, for paired comparisons of models and resampling (bootstrap intervals) of their figures.
+
+    The file holds ``{"metrics": {name: values}}``: a list ``[N]`` per item (``None`` where an item could not be
+    scored), or, for :class:`~monai_elvis.metrics.ZeroShotClassificationMetric`, ``[scores, labels]`` of shape
+    ``[N, K]`` each. Items are in the evaluator's order (the data loader's, unshuffled). Each evaluator writes
+    its own file (written atomically, replacing an earlier run's).
+
+    Args:
+        path: the JSON file.
+        metrics: name -> a metric with ``item_values()``, or an :class:`~monai.handlers.IgniteMetricHandler`
+            wrapping one (e.g. ``"@validate#additional_metrics#val_locality"`` in a bundle config).
+    """
+
+    def __init__(self, path: str | os.PathLike, metrics: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.metrics = {}
+        for name, metric in metrics.items():
+            metric = getattr(metric, "metric_fn", metric)
+            if not callable(getattr(metric, "item_values", None)):
+                raise TypeError(f"metric {name!r} ({type(metric).__name__}) has no item_values(): it cannot give "
+                                "per-item values.")  # fmt: skip
+            self.metrics[name] = metric
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine=None) -> None:
+        values = {name: _listed(metric.item_values()) for name, metric in self.metrics.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"metrics": values}))
+        os.replace(tmp, self.path)
 
 
 class MetricsHistoryHandler:

@@ -186,10 +186,12 @@ class GroundingReportHandler:
 
     Each (category, metric) pair accumulates in its own :class:`~monai_elvis.metrics.GroundingMetric`, fed the
     decollated ``output[pred_key]`` (``[1, H, W]``) and ``output[label_key]`` (``[K, H, W]``, one channel per box).
-    Items with no scorable box are counted in ``n`` but not in the means (``n_scored``).
+    Items with no scorable box are counted in ``n`` but not in the means (``n_scored``). The value of every item,
+    in the evaluator's order, goes to ``{prefix}_items.json`` (``{"category": [N], "metrics": {name: [N]}}``,
+    ``None`` where unscored), for paired comparisons and resampling.
 
     Args:
-        output_dir: where ``{prefix}_by_category.{csv,json,md}`` go.
+        output_dir: where ``{prefix}_by_category.{csv,json,md}`` and ``{prefix}_items.json`` go.
         metrics: names of :class:`GroundingMetric` metrics, in table order.
         category_key: the batch entry with the category (``"category"`` in MS-CXR datalists).
     """
@@ -204,6 +206,7 @@ class GroundingReportHandler:
         self.category_key, self.pred_key, self.label_key, self.prefix = category_key, pred_key, label_key, prefix
         self.metrics: dict[tuple[str, str], GroundingMetric] = {}
         self.counts: dict[str, int] = defaultdict(int)
+        self.categories: list[str] = []
         self.table: list[dict] = []
 
     def attach(self, engine) -> None:
@@ -216,10 +219,12 @@ class GroundingReportHandler:
     def reset(self, engine=None) -> None:
         self.metrics.clear()
         self.counts.clear()
+        self.categories = []
         self.table = []
 
     def update(self, pred: torch.Tensor, label: torch.Tensor, category: str) -> None:
         """Add one item: ``pred [1, H, W]``, ``label [K, H, W]``."""
+        self.categories.append(category)
         for cat in (category, "all"):
             self.counts[cat] += 1
             for name in self.metric_names:
@@ -261,4 +266,9 @@ class GroundingReportHandler:
             cells = [f"{r[m]:.3f} ± {r[f'{m}_std']:.3f}" if not math.isnan(r[m]) else "n/a" for m in self.metric_names]
             lines.append(f"| {r['category']} | {r['n']} | " + " | ".join(cells) + " |")
         Path(f"{base}.md").write_text("\n".join(lines) + "\n")
+        items = {"category": self.categories, "metrics": {}}
+        for name in self.metric_names:
+            values = self.metrics[("all", name)].item_values().tolist() if self.categories else []
+            items["metrics"][name] = [None if math.isnan(v) else v for v in values]
+        Path(self.output_dir / f"{self.prefix}_items.json").write_text(json.dumps(items))
         logger.info("grounding by category:\n%s", "\n".join(lines))

@@ -11,7 +11,7 @@ from monai_elvis.metrics.grounding import (
     pointing_game,
 )
 from monai_elvis.metrics.locality import LocalityPreservationMetric, locality_preservation
-from monai_elvis.metrics.retrieval import RetrievalRecallMetric, retrieval_recall
+from monai_elvis.metrics.retrieval import RetrievalRecallMetric, retrieval_ranks, retrieval_recall
 from monai_elvis.metrics.zero_shot import (
     FINDING_PROMPTS,
     SIDE_PHRASES,
@@ -20,6 +20,7 @@ from monai_elvis.metrics.zero_shot import (
     ZeroShotClassificationMetric,
     class_precision_at_k,
     class_precision_chance,
+    class_precision_per_query,
     map_correlation,
     zero_shot_auc,
     zero_shot_scores,
@@ -28,8 +29,9 @@ from monai_elvis.metrics.zero_shot import (
 __all__ = [
     "GroundingMetric", "grounding_cnr", "heatmap_iou", "heatmap_miou", "pointing_game", "peak_side", "MIOU_THRESHOLDS",
     "FINDING_PROMPTS", "SIDE_PHRASES", "ClassAwareRetrievalMetric", "PhraseSensitivityMetric",
-    "ZeroShotClassificationMetric", "class_precision_at_k", "class_precision_chance", "map_correlation",
+    "ZeroShotClassificationMetric", "class_precision_at_k", "class_precision_chance", "class_precision_per_query",
+    "map_correlation",
     "zero_shot_auc", "zero_shot_scores",
     "LocalityPreservationMetric", "locality_preservation",
-    "RetrievalRecallMetric", "retrieval_recall",
+    "RetrievalRecallMetric", "retrieval_ranks", "retrieval_recall",
 ]  # fmt: skip

@@ -24,3 +24,11 @@ class ReducedIterationMetric(CumulativeIterationMetric):
             raise ValueError(f"{type(self).__name__} has no values: call it on batches before aggregate().")
         value, _ = do_metric_reduction(data, reduction or self.reduction)
         return value
+
+    def item_values(self) -> torch.Tensor:
+        """The value of every item accumulated, ``[N]`` (NaN where an item could not be scored): what the mean
+        reduction averages, for resampling (e.g. a bootstrap interval) or paired comparisons."""
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"{type(self).__name__} has no values: call it on batches first.")
+        return data.detach().float().flatten().cpu()

@@ -9,7 +9,22 @@ from monai.metrics import Cumulative
 
 from monai_elvis.utils import check_batch, check_ndim, l2_normalize
 
-__all__ = ["retrieval_recall", "RetrievalRecallMetric"]
+__all__ = ["retrieval_ranks", "retrieval_recall", "RetrievalRecallMetric"]
+
+
+def retrieval_ranks(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank of each pair's match among the candidates, image-to-report and report-to-image: the number of
+    *other* candidates scoring at least as high under cosine similarity (ties count against the match).
+
+    Shapes: ``image [N, d]``, ``text [N, d]`` -> ``(rank_i2t [N], rank_t2i [N])``, 0 for a match ranked first.
+    """
+    check_ndim(image, "image", 2, "[N, d]")
+    check_ndim(text, "text", 2, "[N, d]")
+    n = check_batch([("image", image), ("text", text)])
+    sim = l2_normalize(image.float()) @ l2_normalize(text.float()).T
+    diag = sim.diagonal()
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    return ((sim >= diag[:, None]) & ~eye).sum(1), ((sim >= diag[None, :]) & ~eye).sum(0)
 
 
 def retrieval_recall(image: torch.Tensor, text: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -20,14 +35,7 @@ def retrieval_recall(image: torch.Tensor, text: torch.Tensor, ks: Sequence[int] 
 
     Shapes: ``image [N, d]``, ``text [N, d]``. Returns ``{"i2t_R@1": ..., "t2i_R@1": ..., ...}`` in ``[0, 1]``.
     """
-    check_ndim(image, "image", 2, "[N, d]")
-    check_ndim(text, "text", 2, "[N, d]")
-    n = check_batch([("image", image), ("text", text)])
-    sim = l2_normalize(image.float()) @ l2_normalize(text.float()).T
-    diag = sim.diagonal()
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    rank_i2t = ((sim >= diag[:, None]) & ~eye).sum(1)
-    rank_t2i = ((sim >= diag[None, :]) & ~eye).sum(0)
+    rank_i2t, rank_t2i = retrieval_ranks(image, text)
     out = {}
     for k in ks:
         out[f"i2t_R@{k}"] = float((rank_i2t < k).float().mean())
@@ -64,6 +72,16 @@ class RetrievalRecallMetric(Cumulative):
         buffers = self.get_buffer()
         if not isinstance(buffers, list) or not len(buffers[0]):
             raise ValueError("RetrievalRecallMetric has no embeddings: call it on batches before aggregate().")
-        r = retrieval_recall(buffers[0], buffers[1], (self.k,))
-        i2t, t2i = r[f"i2t_R@{self.k}"], r[f"t2i_R@{self.k}"]
-        return torch.tensor({"i2t": i2t, "t2i": t2i, "mean": (i2t + t2i) / 2}[self.direction])
+        return self.item_values().mean()
+
+    def item_values(self) -> torch.Tensor:
+        """Per pair ``[N]``: 1 where its match ranks within the top ``k`` (``direction`` "i2t" or "t2i"), or the
+        mean of both directions (0, 0.5 or 1; ``"mean"``). Their mean is :meth:`aggregate`."""
+        buffers = self.get_buffer()
+        if not isinstance(buffers, list) or not len(buffers[0]):
+            raise ValueError("RetrievalRecallMetric has no embeddings: call it on batches first.")
+        rank_i2t, rank_t2i = retrieval_ranks(buffers[0], buffers[1])
+        hits = {"i2t": (rank_i2t < self.k).float(), "t2i": (rank_t2i < self.k).float()}
+        if self.direction == "mean":
+            return ((hits["i2t"] + hits["t2i"]) / 2).cpu()
+        return hits[self.direction].cpu()

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TextEmbedder", "FINDING_PROMPTS", "SIDE_PHRASES", "zero_shot_scores", "zero_shot_auc", "class_precision_at_k",
-    "class_precision_chance", "map_correlation", "ZeroShotClassificationMetric", "ClassAwareRetrievalMetric",
+    "class_precision_per_query", "class_precision_chance", "map_correlation", "ZeroShotClassificationMetric", "ClassAwareRetrievalMetric",
     "PhraseSensitivityMetric",
 ]  # fmt: skip
 
@@ -88,13 +88,18 @@ def class_precision_at_k(image: torch.Tensor, text: torch.Tensor, labels: torch.
 
     Shapes: ``image [N, d]``, ``text [N, d]``, ``labels [N, K]`` (multi-hot classes of each pair) -> scalar.
     """
+    return class_precision_per_query(image, text, labels, k).mean()
+
+
+def class_precision_per_query(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """:func:`class_precision_at_k` of each image as the query, ``[N]`` (their mean is the precision@K)."""
     check_ndim(image, "image", 2, "[N, d]")
     n = check_batch([("image", image), ("text", text), ("labels", labels)])
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}.")
     sim = l2_normalize(image.float()) @ l2_normalize(text.float()).T
     top = sim.topk(k, dim=1).indices  # [N, k]
-    return _same_set(labels).gather(1, top).float().mean()
+    return _same_set(labels).gather(1, top).float().mean(1)
 
 
 def class_precision_chance(labels: torch.Tensor) -> torch.Tensor:
@@ -198,10 +203,16 @@ class ZeroShotClassificationMetric(_PromptMetric):
         if not _has_data(self):
             _warn_no_labels(type(self).__name__)
             return torch.full((len(self.prompts),) if self.reduction == "none" else (), float("nan"))
+        scores, labels = self.item_values()
+        auc = zero_shot_auc(scores, labels)
+        return auc if self.reduction == "none" else auc.nanmean()
+
+    def item_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [N, K], labels [N, K])`` of every image accumulated (:func:`zero_shot_scores`), from which
+        the AUC of any resample of the images can be recomputed."""
         image, labels = self._data()
         pos, neg = self.class_embeddings()
-        auc = zero_shot_auc(zero_shot_scores(image, pos, neg), labels)
-        return auc if self.reduction == "none" else auc.nanmean()
+        return zero_shot_scores(image, pos, neg).cpu(), labels.cpu()
 
 
 class ClassAwareRetrievalMetric(Cumulative):
@@ -232,8 +243,12 @@ class ClassAwareRetrievalMetric(Cumulative):
         if not _has_data(self):
             _warn_no_labels(type(self).__name__)
             return torch.tensor(float("nan"))
+        return self.item_values().mean()
+
+    def item_values(self) -> torch.Tensor:
+        """The precision@K of each image as the query, ``[N]``; NaN-free, their mean is :meth:`aggregate`."""
         image, text, labels = self._data()
-        return class_precision_at_k(image, text, labels, min(self.k, len(image)))
+        return class_precision_per_query(image, text, labels, min(self.k, len(image))).cpu()
 
     def chance(self) -> float:
         return float(class_precision_chance(self._data()[2])) if _has_data(self) else float("nan")
@@ -282,4 +297,8 @@ class PhraseSensitivityMetric(_PromptMetric):
         return torch.einsum("bnd,pd->bpn", l2_normalize(regions), text)
 
     def aggregate(self) -> torch.Tensor:
-        return map_correlation(self.maps()).mean()
+        return self.item_values().mean()
+
+    def item_values(self) -> torch.Tensor:
+        """The :func:`map_correlation` of each image accumulated, ``[N]``."""
+        return map_correlation(self.maps()).cpu()
