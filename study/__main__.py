@@ -36,8 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--split", default="validation", help="tune on validation; test only to confirm a pick")
     run.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     run.add_argument("--scale", default="tiny", help="configs/scale overlay of pre-training (tiny or paper)")
-    run.add_argument("--pretrain-epochs", type=int, default=3)
-    run.add_argument("--seg-iterations", type=int, default=25)
+    run.add_argument("--pretrain-epochs", type=int, default=StudyConfig.pretrain_epochs)
+    run.add_argument("--length-objectives", nargs="*", default=list(StudyConfig.length_objectives), choices=OBJECTIVES,
+                     help="objectives also pre-trained for each of --length-epochs (the training-length axis)")
+    run.add_argument("--length-epochs", nargs="*", type=int, default=list(StudyConfig.length_epochs))
+    run.add_argument("--hard-dataset-dir", default=StudyConfig.hard_dataset_dir)
+    run.add_argument("--hard-objectives", nargs="*", default=list(StudyConfig.hard_objectives), choices=OBJECTIVES,
+                     help="objectives also pre-trained and measured on the realistic (harder) phantom")
+    run.add_argument("--seg-objectives", nargs="*", default=None, choices=OBJECTIVES,
+                     help="objectives whose encoders are fine-tuned for segmentation (default: all)")
+    run.add_argument("--seg-iterations", type=int, default=StudyConfig.seg_iterations)
+    run.add_argument("--seg-curve-epochs", type=int, default=StudyConfig.seg_curve_epochs,
+                     help="epochs of the from-scratch segmentation curve (0: none)")
+    run.add_argument("--seg-curve-epoch-length", type=int, default=StudyConfig.seg_curve_epoch_length)
     run.add_argument("--seg-batch-size", type=int, default=16)
     run.add_argument("--seg-fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     run.add_argument("--seg-modes", nargs="+", default=["frozen", "finetune"], choices=["frozen", "finetune"])
@@ -49,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         cfg = StudyConfig(work_dir=args.work_dir, dataset_dir=args.dataset_dir, objectives=args.objectives,
                           seeds=args.seeds, scale=args.scale, pretrain_epochs=args.pretrain_epochs,
-                          seg_iterations=args.seg_iterations, seg_batch_size=args.seg_batch_size,
+                          length_objectives=args.length_objectives, length_epochs=args.length_epochs,
+                          hard_dataset_dir=args.hard_dataset_dir, hard_objectives=args.hard_objectives,
+                          seg_objectives=args.seg_objectives, seg_curve_epochs=args.seg_curve_epochs,
+                          seg_curve_epoch_length=args.seg_curve_epoch_length, seg_iterations=args.seg_iterations, seg_batch_size=args.seg_batch_size,
                           seg_fractions=args.seg_fractions, seg_modes=args.seg_modes, segmentation_overlay=args.segmentation_overlay,
                           phantom_num=args.phantom_num, image_size=args.image_size, num_workers=args.num_workers,
                           tokenizer_dir=args.tokenizer_dir)  # fmt: skip

@@ -25,19 +25,34 @@ logger = logging.getLogger("study")
 
 @dataclass
 class StudyConfig:
-    """What the study runs. The defaults are the tiny scale that fits about an hour on 2 CPU cores."""
+    """What the study runs. The defaults are the tiny scale, sized for about 100 minutes on 2 idle CPU cores.
+
+    Every objective is pre-trained for ``pretrain_epochs`` on the default (easy) phantom and measured there;
+    ``length_objectives`` are also pre-trained for each of ``length_epochs`` (the training-length axis);
+    ``hard_objectives`` are pre-trained on the harder, realistic phantom in ``hard_dataset_dir`` (its
+    retrieval, locality and grounding figures; no segmentation). Segmentation fine-tunes ``seg_objectives``
+    (all objectives when None) for ``seg_iterations`` steps, a length chosen from the curve of a model trained
+    from scratch (``seg_curve_epochs`` x ``seg_curve_epoch_length`` steps, validated after each epoch).
+    """
 
     work_dir: str = "runs/study"
     dataset_dir: str = "data/phantom"
     objectives: Sequence[str] = OBJECTIVES
     seeds: Sequence[int] = (0, 1, 2)
     scale: str = "tiny"  # the configs/scale overlay of pre-training; "paper" for the GPU scale
-    pretrain_epochs: int = 3
+    pretrain_epochs: int = 6
     pretrain_overrides: dict = field(default_factory=dict)
+    length_objectives: Sequence[str] = ("elvis", "one_hot")
+    length_epochs: Sequence[int] = (2, 4)
+    hard_dataset_dir: str = "data/phantom_realistic"
+    hard_objectives: Sequence[str] = ("elvis", "one_hot", "random")
     segmentation_overlay: str | None = None  # e.g. configs/segmentation/paper.json at the paper scale
+    seg_objectives: Sequence[str] | None = None
     seg_fractions: Sequence[float] = (0.01, 0.1, 1.0)
     seg_modes: Sequence[str] = ("frozen", "finetune")
-    seg_iterations: int = 25
+    seg_iterations: int = 40
+    seg_curve_epochs: int = 8
+    seg_curve_epoch_length: int = 25
     seg_batch_size: int = 16
     seg_val_items: int = 32
     split: str = "test"  # where locality, retrieval and grounding are measured; "validation" for tuning
@@ -50,12 +65,18 @@ class StudyConfig:
     tokenizer_dir: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = set(self.objectives) - set(OBJECTIVES)
+        unknown = (set(self.objectives) | set(self.length_objectives) | set(self.hard_objectives)
+                   | set(self.seg_objectives or ())) - set(OBJECTIVES)  # fmt: skip
         if unknown:
             raise ValueError(f"unknown objectives {sorted(unknown)}; choose from {list(OBJECTIVES)}.")
         bad = [m for m in self.seg_modes if m not in ("frozen", "finetune")]
         if bad:
             raise ValueError(f"seg_modes must be 'frozen' or 'finetune', got {bad}.")
+        if any(e < 1 for e in [self.pretrain_epochs, *self.length_epochs]):
+            raise ValueError("pre-training lengths (pretrain_epochs, length_epochs) must be at least 1 epoch.")
+
+
+EASY, HARD = "easy", "realistic"  # the phantom's difficulty settings the study runs on
 
 
 def _bundle(name: str, *files: str) -> list[str]:
@@ -107,34 +128,52 @@ class StudyRunner:
         return fields
 
     # ------------------------------------------------------------------ steps
+    def _dataset(self, phantom: str) -> Path:
+        return Path(self.cfg.dataset_dir if phantom == EASY else self.cfg.hard_dataset_dir).resolve()
+
     def prepare(self) -> None:
-        """The phantom (shared by every run) and the tokenizer, shared by every objective: ``tokenizer_dir``, or
-        one trained on the phantom's reports."""
-        from monai_elvis.data.phantom import prepare_phantom
+        """The phantoms (shared by every run) and the tokenizer, shared by every objective: ``tokenizer_dir``, or
+        one trained on the default phantom's reports (the harder phantom's reports are written the same way)."""
+        from monai_elvis.data.phantom import prepare_phantom, progress_logger
         from monai_elvis.engines import ensure_tokenizer
 
-        prepare_phantom(self.cfg.dataset_dir, num=self.cfg.phantom_num, size=256, seed=0)
+        prepare_phantom(self.cfg.dataset_dir, num=self.cfg.phantom_num, size=256, seed=0, difficulty=EASY,
+                        progress=progress_logger())  # fmt: skip
+        if self.cfg.hard_objectives:
+            prepare_phantom(self.cfg.hard_dataset_dir, num=self.cfg.phantom_num, size=256, seed=0, difficulty=HARD,
+                            progress=progress_logger())  # fmt: skip
         ensure_tokenizer(self.tokenizer_dir, Path(self.cfg.dataset_dir) / "datalist.json", 4096)
 
     def _scale_files(self) -> list[str]:
         return [str(ROOT / "configs" / "scale" / f"{self.cfg.scale}.json")]
 
-    def _pretrain_overrides(self, seed: int) -> dict:
-        o = {"seed": seed, "dataset_dir": str(Path(self.cfg.dataset_dir).resolve()), "num_workers": self.cfg.num_workers,
-             "tokenizer_dir": str(self.tokenizer_dir), **self.cfg.pretrain_overrides}  # fmt: skip
+    def _pretrain_overrides(self, seed: int, phantom: str = EASY) -> dict:
+        o = {"seed": seed, "dataset_dir": str(self._dataset(phantom)), "phantom_difficulty": phantom,
+             "num_workers": self.cfg.num_workers, "tokenizer_dir": str(self.tokenizer_dir),
+             **self.cfg.pretrain_overrides}  # fmt: skip
         if self.cfg.image_size:
             o["image_size"] = self.cfg.image_size
         return o
 
-    def pretrain(self, objective: str, seed: int) -> Path:
+    def _root(self, objective: str, seed: int, phantom: str, epochs: int) -> Path:
+        return self.work / "pretrain" / f"{phantom}_{objective}_s{seed}_e{epochs}"
+
+    def _items(self, name: str) -> Path:
+        return self.work / "items" / f"{name}.json"
+
+    def pretrain(self, objective: str, seed: int, phantom: str = EASY, epochs: int | None = None) -> Path:
         """Pre-train (or, for ``random``, save an untrained network) and return the bundle root."""
-        root = self.work / "pretrain" / f"{objective}_s{seed}"
-        if self.done(step="pretrain", objective=objective, seed=seed) and (root / "models" / "model.pt").is_file():
+        epochs = epochs or self.cfg.pretrain_epochs
+        key = dict(objective=objective, seed=seed, phantom=phantom, epochs=epochs)
+        root = self._root(**key)
+        if self.done(step="pretrain", **key) and (root / "models" / "model.pt").is_file():
             return root
         start = time.time()
         files = _bundle("elvis_pretrain", "train.json") + self._scale_files()
         meta = _bundle("elvis_pretrain", "metadata.json")[0]
-        overrides = self._pretrain_overrides(seed)
+        overrides = self._pretrain_overrides(seed, phantom)
+        if root.exists():  # an interrupted run: start it again from scratch
+            shutil.rmtree(root)
         if objective == "random":
             from monai.bundle import ConfigParser
             from monai.utils import set_determinism
@@ -150,26 +189,36 @@ class StudyRunner:
             torch.save(net.state_dict(), root / "models" / "model.pt")
             save_text_model(net, overrides["tokenizer_dir"], root / "models" / "text_model")
         else:
-            if root.exists():  # an interrupted run: start it again from scratch
-                shutil.rmtree(root)
             files.append(str(ROOT / "configs" / "objective" / f"{objective}.json"))
-            _run_bundle(files, meta, bundle_root=str(root), max_epochs=self.cfg.pretrain_epochs,
-                        val_interval=self.cfg.pretrain_epochs, validate_grounding=False, **overrides)  # fmt: skip
-        self.record(step="pretrain", objective=objective, seed=seed, seconds=round(time.time() - start, 1))
+            _run_bundle(files, meta, bundle_root=str(root), max_epochs=epochs, val_interval=epochs,
+                        validate_grounding=False, prepare_phantom=False, **overrides)  # fmt: skip
+        self.record(step="pretrain", **key, seconds=round(time.time() - start, 1))
         return root
 
-    def evaluate_pretrain(self, objective: str, seed: int, root: Path) -> dict:
-        """Retrieval and locality preservation on ``split`` (the pre-training bundle's evaluate.json)."""
-        found = self.done(step="locality", objective=objective, seed=seed)
+    def evaluate_pretrain(self, objective: str, seed: int, root: Path, phantom: str = EASY,
+                          epochs: int | None = None) -> dict:  # fmt: skip
+        """Zero-shot classification, retrieval, phrase sensitivity and locality preservation on ``split`` (the
+        pre-training bundle's evaluate.json); the value of every test item is kept in ``items/``."""
+        key = dict(objective=objective, seed=seed, phantom=phantom, epochs=epochs or self.cfg.pretrain_epochs)
+        found = self.done(step="locality", **key)
         if found:
             return found
         start = time.time()
         files = _bundle("elvis_pretrain", "train.json") + self._scale_files() + _bundle("elvis_pretrain", "evaluate.json")
         _run_bundle(files, _bundle("elvis_pretrain", "metadata.json")[0], bundle_root=str(root), split=self.cfg.split,
-                    **self._pretrain_overrides(seed), **self._network_overrides(objective))  # fmt: skip
+                    validate_grounding=False, prepare_phantom=False, **self._pretrain_overrides(seed, phantom),
+                    **self._network_overrides(objective))  # fmt: skip
         metrics = json.loads((root / "eval" / f"{self.cfg.split}_metrics.json").read_text())["metrics"]
-        return self.record(step="locality", objective=objective, seed=seed, seconds=round(time.time() - start, 1),
-                           **metrics)  # fmt: skip
+        self._keep_items(self._root(**key).name, "validate", root / "eval" / f"{self.cfg.split}_items.json")
+        return self.record(step="locality", **key, seconds=round(time.time() - start, 1), **metrics)
+
+    def _keep_items(self, name: str, part: str, source: Path) -> None:
+        """Merge the per-item values of ``source`` into ``items/<name>.json`` under ``part``."""
+        target = self._items(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(target.read_text()) if target.is_file() else {}
+        data[part] = json.loads(source.read_text())
+        target.write_text(json.dumps(data))
 
     @staticmethod
     def _network_overrides(objective: str) -> dict:
@@ -180,7 +229,7 @@ class StudyRunner:
             return {}
         return {k: v for k, v in json.loads(overlay.read_text()).items() if k.startswith("network_def#")}
 
-    def _grounding_overrides(self, root: Path) -> dict:
+    def _grounding_overrides(self, root: Path, phantom: str = EASY) -> dict:
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
@@ -191,22 +240,24 @@ class StudyRunner:
                                        "embed_dim", "shared_projection", "projection_layers", "text_global_pooling",
                                        "grounding_text_feature", "grounding_similarity")}  # fmt: skip
         return {"ckpt_dir": str(root / "models"), **arch,
-                "image_size": parser.get_parsed_content("image_size"), "dataset_dir": str(Path(self.cfg.dataset_dir).resolve())}  # fmt: skip
+                "image_size": parser.get_parsed_content("image_size"), "dataset_dir": str(self._dataset(phantom))}  # fmt: skip
 
-    def grounding(self, objective: str, seed: int, root: Path) -> dict:
-        """Phrase-grounding CNR, mIoU and pointing on the phantom's MS-CXR CSV, overall and per category."""
-        found = self.done(step="grounding", objective=objective, seed=seed)
+    def grounding(self, objective: str, seed: int, root: Path, phantom: str = EASY, epochs: int | None = None) -> dict:
+        """Phrase-grounding CNR, mIoU, pointing and side of the peak on the phantom's MS-CXR CSV, overall and per
+        category; the value of every phrase is kept in ``items/``."""
+        key = dict(objective=objective, seed=seed, phantom=phantom, epochs=epochs or self.cfg.pretrain_epochs)
+        found = self.done(step="grounding", **key)
         if found:
             return found
         start = time.time()
         eval_dir = root / "grounding"
         _run_bundle(_bundle("elvis_grounding", "inference.json", "evaluate.json"),
                     _bundle("elvis_grounding", "metadata.json")[0], bundle_root=str(BUNDLES / "elvis_grounding"),
-                    eval_dir=str(eval_dir), split=self.cfg.split, **self._grounding_overrides(root),
+                    eval_dir=str(eval_dir), split=self.cfg.split, **self._grounding_overrides(root, phantom),
                     **self._network_overrides(objective))  # fmt: skip
         table = json.loads((eval_dir / "grounding_by_category.json").read_text())
-        return self.record(step="grounding", objective=objective, seed=seed, seconds=round(time.time() - start, 1),
-                           table=table)  # fmt: skip
+        self._keep_items(self._root(**key).name, "grounding", eval_dir / "grounding_items.json")
+        return self.record(step="grounding", **key, seconds=round(time.time() - start, 1), table=table)
 
     def heatmaps(self, objective: str, root: Path, phrases_file: Path) -> Path:
         """Heatmaps of the study's chosen phrases (seed 0), for the side-by-side figure."""
@@ -218,39 +269,95 @@ class StudyRunner:
                     **self._grounding_overrides(root), **self._network_overrides(objective))  # fmt: skip
         return out
 
+    def _seg_common(self, root: Path | None, seed: int, seg_root: Path) -> dict:
+        g = self._grounding_overrides(root or self.work)
+        return dict(bundle_root=str(seg_root), dataset_dir=g["dataset_dir"], seed=seed, image_size=g["image_size"],
+                    image_arch=g["image_arch"], image_widen_factor=g["image_widen_factor"], prepare_phantom=False,
+                    num_workers=self.cfg.num_workers, cache_rate=0.0)  # fmt: skip
+
+    def _seg_files(self) -> list[str]:
+        files = _bundle("elvis_cxr_segmentation", "train.json")
+        if self.cfg.segmentation_overlay:
+            files.append(str(ROOT / self.cfg.segmentation_overlay))
+        return files
+
+    def _seg_val_data(self) -> dict:
+        return {"validate#data": "$monai_elvis.data.datalist_split(@datalist, 'validation', @dataset_dir, "
+                                 f"@path_keys)[:{self.cfg.seg_val_items}]"}  # fmt: skip
+
+    def segmentation_curve(self) -> dict | None:
+        """The validation Dice of a segmentation model trained from scratch on every label, after each of
+        ``seg_curve_epochs`` epochs of ``seg_curve_epoch_length`` steps: the curve that sizes ``seg_iterations``."""
+        if not self.cfg.seg_curve_epochs:
+            return None
+        found = self.done(step="seg_curve")
+        if found:
+            return found
+        seg_root = self.work / "segmentation" / "curve"
+        if seg_root.exists():
+            shutil.rmtree(seg_root)
+        start = time.time()
+        _run_bundle(self._seg_files(), _bundle("elvis_cxr_segmentation", "metadata.json")[0],
+                    **self._seg_common(None, self.cfg.seeds[0], seg_root), label_fraction=1.0, pretrained_ckpt=None,
+                    freeze_encoder=False, max_epochs=self.cfg.seg_curve_epochs,
+                    epoch_length=self.cfg.seg_curve_epoch_length, val_interval=1, batch_size=self.cfg.seg_batch_size,
+                    **self._seg_val_data())  # fmt: skip
+        history = [json.loads(line) for line in (seg_root / "eval" / "metrics_history.jsonl").read_text().splitlines()]
+        curve = [{"iterations": h["epoch"] * self.cfg.seg_curve_epoch_length, "val_mean_dice": h["metrics"].get("val_mean_dice")}
+                 for h in history]  # fmt: skip
+        shutil.rmtree(seg_root / "models", ignore_errors=True)
+        return self.record(step="seg_curve", seconds=round(time.time() - start, 1), curve=curve)
+
     def segmentation(self, objective: str, seed: int, root: Path, fraction: float, mode: str) -> dict:
-        """Fine-tune (or train the decoder of a frozen encoder) on ``fraction`` of the labels; test Dice."""
+        """Fine-tune (or train the decoder of a frozen encoder) on ``fraction`` of the labels; test Dice, and the
+        Dice of every test image in ``items/``."""
         key = dict(step="segmentation", objective=objective, seed=seed, fraction=fraction, mode=mode)
         found = self.done(**key)
         if found:
             return found
-        seg_root = self.work / "segmentation" / f"{objective}_s{seed}_{mode}_{fraction}"
+        name = f"{objective}_s{seed}_{mode}_{fraction}"
+        seg_root = self.work / "segmentation" / name
         if seg_root.exists():
             shutil.rmtree(seg_root)
         start = time.time()
-        g = self._grounding_overrides(root)
-        files = _bundle("elvis_cxr_segmentation", "train.json")
-        if self.cfg.segmentation_overlay:
-            files.append(str(ROOT / self.cfg.segmentation_overlay))
-        common = dict(bundle_root=str(seg_root), dataset_dir=g["dataset_dir"], seed=seed, image_size=g["image_size"],
-                      image_arch=g["image_arch"], image_widen_factor=g["image_widen_factor"],
-                      num_workers=self.cfg.num_workers, cache_rate=0.0)  # fmt: skip
+        files = self._seg_files()
+        common = self._seg_common(root, seed, seg_root)
         meta = _bundle("elvis_cxr_segmentation", "metadata.json")[0]
         # random + finetune is training from scratch; random + frozen is a frozen random encoder (a probe's floor)
         scratch = objective == "random" and mode == "finetune"
         pretrained = None if scratch else str(root / "models" / "model.pt")
         _run_bundle(files, meta, **common, label_fraction=fraction, pretrained_ckpt=pretrained,
                     freeze_encoder=mode == "frozen", max_epochs=1, epoch_length=self.cfg.seg_iterations,
-                    val_interval=1, batch_size=self.cfg.seg_batch_size,
-                    **{"validate#data": "$monai_elvis.data.datalist_split(@datalist, 'validation', @dataset_dir, "
-                                        f"@path_keys)[:{self.cfg.seg_val_items}]"})  # fmt: skip
+                    val_interval=1, batch_size=self.cfg.seg_batch_size, **self._seg_val_data())  # fmt: skip
         _run_bundle(files + _bundle("elvis_cxr_segmentation", "evaluate.json"), meta, **common,
                     batch_size=self.cfg.seg_batch_size)  # fmt: skip
         metrics = json.loads((seg_root / "eval" / "test_metrics.json").read_text())["metrics"]
+        self._keep_seg_items(f"seg_{name}", seg_root / "eval" / "test_mean_dice_raw.csv")
         shutil.rmtree(seg_root / "models", ignore_errors=True)  # keep the figures, not 100 checkpoints
-        return self.record(**key, seconds=round(time.time() - start, 1), **metrics)
+        return self.record(**key, phantom=EASY, epochs=self.cfg.pretrain_epochs, seconds=round(time.time() - start, 1),
+                           **metrics)  # fmt: skip
+
+    def _keep_seg_items(self, name: str, raw_csv: Path) -> None:
+        """The mean Dice over classes of every test image: the ``mean`` column of MONAI's MetricsSaver raw CSV
+        (one row per image; NaN, kept as None, where no class is in either the prediction or the label)."""
+        import csv
+        import math
+
+        with open(raw_csv, newline="") as f:
+            values = [float(row["mean"]) for row in csv.DictReader(f)]
+        values = [None if math.isnan(v) else v for v in values]
+        target = self._items(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"segmentation": {"metrics": {"test_mean_dice": values}}}))
 
     # ------------------------------------------------------------------ all
+    def model(self, objective: str, seed: int, phantom: str = EASY, epochs: int | None = None) -> Path:
+        """Pre-train one model and measure it (evaluation and grounding); returns its bundle root."""
+        root = self.pretrain(objective, seed, phantom, epochs)
+        self.evaluate_pretrain(objective, seed, root, phantom, epochs)
+        self.grounding(objective, seed, root, phantom, epochs)
+        return root
+
     def run(self) -> list[dict]:
         start = time.time()
         self.prepare()
@@ -258,17 +365,26 @@ class StudyRunner:
         if self.cfg.heatmap_phrases and not phrases_file.is_file():
             phrases_file.write_text(json.dumps(choose_phrases(self.cfg.dataset_dir, self.cfg.split,
                                                               self.cfg.heatmap_phrases), indent=1))  # fmt: skip
-        total = len(self.cfg.seeds) * len(self.cfg.objectives)
-        for i, (seed, objective) in enumerate((s, o) for s in self.cfg.seeds for o in self.cfg.objectives):
-            logger.info("study: %s seed %d (%d/%d), %.0f s so far", objective, seed, i + 1, total, time.time() - start)
-            root = self.pretrain(objective, seed)
-            self.evaluate_pretrain(objective, seed, root)
-            self.grounding(objective, seed, root)
+        self.segmentation_curve()
+        seg_objectives = self.cfg.objectives if self.cfg.seg_objectives is None else self.cfg.seg_objectives
+        plan = []  # seed by seed, so that an interrupted study has whole seeds
+        for seed in self.cfg.seeds:
+            plan += [(o, seed, EASY, None) for o in self.cfg.objectives]
+            plan += [(o, seed, EASY, e) for e in self.cfg.length_epochs for o in self.cfg.length_objectives
+                     if e != self.cfg.pretrain_epochs]  # fmt: skip
+            plan += [(o, seed, HARD, None) for o in self.cfg.hard_objectives]
+        for i, (objective, seed, phantom, epochs) in enumerate(plan):
+            logger.info("study: %s seed %d, %s phantom, %d epochs (%d/%d), %.0f s so far", objective, seed, phantom,
+                        epochs or self.cfg.pretrain_epochs, i + 1, len(plan), time.time() - start)  # fmt: skip
+            root = self.model(objective, seed, phantom, epochs)
+            if phantom != EASY or epochs is not None:
+                continue
             if self.cfg.heatmap_phrases and seed == self.cfg.seeds[0]:
                 self.heatmaps(objective, root, phrases_file)
-            for fraction in self.cfg.seg_fractions:
-                for mode in self.cfg.seg_modes:
-                    self.segmentation(objective, seed, root, fraction, mode)
+            if objective in seg_objectives:
+                for fraction in self.cfg.seg_fractions:
+                    for mode in self.cfg.seg_modes:
+                        self.segmentation(objective, seed, root, fraction, mode)
         self.record(step="session", seconds=round(time.time() - start, 1))
         return self.records
 

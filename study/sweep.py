@@ -68,6 +68,7 @@ def run_sweep(work_dir: str | Path, variants: Sequence[str], lengths: Sequence[i
         sub = work / f"{_slug(name)}_e{epochs}"
         cfg = StudyConfig(work_dir=str(sub), objectives=(v.objective,), seeds=tuple(seeds), pretrain_epochs=epochs,
                           pretrain_overrides=dict(v.overrides), seg_fractions=(), split=split, heatmap_phrases=0,
+                          length_objectives=(), hard_objectives=(), seg_curve_epochs=0,
                           tokenizer_dir=tokenizer_dir, **study)  # type: ignore[arg-type]  # fmt: skip
         StudyRunner(cfg).run()
         (sub / "variant.json").write_text(json.dumps({"variant": name, "epochs": epochs, "split": split}))

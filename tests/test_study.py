@@ -168,3 +168,35 @@ def test_sweep_refuses_unknown_variants_and_mixed_splits(tmp_path):
     records = [{"step": "locality", "variant": "elvis", "epochs": 1, "seed": 0, "split": s} for s in ("validation", "test")]
     with pytest.raises(ValueError, match="come from \\['test', 'validation'\\]"):
         write_sweep_report(records, tmp_path)
+
+
+def test_paired_bootstrap_intervals():
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from study.stats import mean_auc, paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    b = [rng.random(50) for _ in range(3)]
+    shifted = paired_bootstrap([x + 0.1 for x in b], b)  # the same items, 0.1 higher each: no doubt about it
+    assert shifted.value == pytest.approx(0.1) and shifted.low == pytest.approx(0.1) and shifted.high == pytest.approx(0.1)
+    assert shifted.significant and str(shifted) == "+0.100 [+0.100, +0.100]"
+    same = paired_bootstrap(b, b)
+    assert same.value == 0 and same.low == 0 and same.high == 0 and not same.significant
+    noisy = paired_bootstrap([x + rng.normal(0, 1, 50) for x in b], b)  # pure noise around 0: interval spans it
+    assert noisy.low < noisy.value < noisy.high and noisy.high - noisy.low > 0.2
+    with_nan = [x.copy() for x in b]
+    with_nan[0][0] = np.nan  # an item that could not be scored is left out, not counted as 0
+    assert paired_bootstrap([x + 0.5 for x in with_nan], with_nan).value == pytest.approx(0.5)
+    # AUC by hand: positives scored 0.9, 0.4, negatives 0.5, 0.1 -> 3 of 4 pairs ordered: 0.75; a tie counts half
+    scores, labels = np.array([[0.9], [0.4], [0.5], [0.1]]), np.array([[1], [1], [0], [0]])
+    assert mean_auc(scores[None], labels[None])[0] == pytest.approx(0.75)
+    assert mean_auc(np.array([[[0.9], [0.5], [0.5], [0.1]]]), labels[None])[0] == pytest.approx(0.875)
+    perfect = (np.arange(40.0)[:, None], (np.arange(40) >= 20)[:, None].astype(float))
+    reversed_ = (-perfect[0], perfect[1])
+    d = paired_bootstrap([perfect] * 2, [reversed_] * 2, statistic="auc", resamples=200)
+    assert d.value == pytest.approx(1.0) and d.low == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same test items"):
+        paired_bootstrap([b[0]], [b[0][:10]])
+    with pytest.raises(ValueError, match="same number"):
+        paired_bootstrap(b, b[:2])
