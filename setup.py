@@ -39,6 +39,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "study": ["matplotlib>=3.8,<4"],
-        "test": ["pytest>=8,<10", "pydicom-data>=1,<2", "matplotlib>=3.8,<4"],
+        "test": ["pytest>=8,<10", "pydicom-data>=1,<2", "matplotlib>=3.8,<4", "jsonschema>=4.18,<5"],
     },
 )

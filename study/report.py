@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from study.runner import OBJECTIVES
+from study.stats import Difference, load_items, mean_auc, paired_bootstrap
 
 LABELS = {"elvis": "ELVIS (intra-modal)", "lovt": "LoVT (spatial prior)", "one_hot": "one-hot local",
           "gloria": "GLoRIA", "convirt": "ConVIRT (global only)", "random": "random init"}  # fmt: skip
@@ -37,44 +38,263 @@ def _objectives(records: Sequence[dict]) -> list[str]:
     return [o for o in OBJECTIVES if o in present]
 
 
-def summary_tables(records: Sequence[dict]) -> dict[str, str]:
-    """Markdown tables: ``overall`` (grounding, locality, retrieval), ``cnr_by_category``, ``dice``."""
-    objs = _objectives(records)
-    by = defaultdict(list)
-    for r in records:
-        by[(r.get("step"), r.get("objective"))].append(r)
-    seeds = sorted({r["seed"] for r in records if "seed" in r})
-    lines = [f"Mean ± sample standard deviation over the seeds run ({seeds}); test split of the phantom.", "",
-             "| objective | CNR | mIoU | pointing | locality | R@10 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for o in objs:
-        g = [next(row for row in r["table"] if row["category"] == "all") for r in by[("grounding", o)]]
-        loc = by[("locality", o)]
-        cells = [_fmt(*_ms(x.get(m) for x in g)) for m in ("cnr", "miou", "pointing")]
-        cells += [_fmt(*_ms(x.get("val_locality") for x in loc)), _fmt(*_ms(x.get("val_recall_at_10") for x in loc))]
-        lines.append(f"| {LABELS[o]} | " + " | ".join(cells) + " |")
-    overall = "\n".join(lines)
+# (label, part of the items file, metric name, statistic, higher is better) of the measures of each model
+MEASURES: tuple[tuple[str, str, str, str, bool], ...] = (
+    ("zero-shot AUC", "validate", "val_zero_shot_auc", "auc", True),
+    ("P@10 (class)", "validate", "val_precision_at_10", "mean", True),
+    ("R@10", "validate", "val_recall_at_10", "mean", True),
+    ("locality", "validate", "val_locality", "mean", True),
+    ("map corr.", "validate", "val_map_correlation", "mean", False),
+    ("CNR", "grounding", "cnr", "mean", True),
+    ("mIoU", "grounding", "miou", "mean", True),
+    ("pointing", "grounding", "pointing", "mean", True),
+    ("side", "grounding", "side", "mean", True),
+)
+BASELINES = ("one_hot", "lovt", "gloria", "convirt", "random")
 
-    cats = sorted({row["category"] for r in records if r.get("step") == "grounding" for row in r["table"]} - {"all"})
-    lines = ["| objective | " + " | ".join(cats) + " |", "| --- |" + " ---: |" * len(cats)]
-    for o in objs:
+
+def _setting(records: Sequence[dict]) -> tuple[int, str]:
+    """The main pre-training length (the most common one) and the default phantom's name."""
+    lengths = [r["epochs"] for r in records if r.get("step") == "pretrain" and "epochs" in r]
+    return (max(set(lengths), key=lengths.count) if lengths else 0), "easy"
+
+
+def _run_name(phantom: str, objective: str, seed: int, epochs: int) -> str:
+    return f"{phantom}_{objective}_s{seed}_e{epochs}"
+
+
+def _values(items: dict, name: str, part: str, metric: str, statistic: str):
+    """One seed's per-item values of a measure (or ``(scores, labels)`` for AUC); None when not recorded."""
+    data = items.get(name, {}).get(part, {}).get("metrics", {}).get(metric)
+    if data is None:
+        return None
+    if statistic == "auc":
+        return np.asarray(data[0], float), np.asarray(data[1], float)
+    return np.array([np.nan if v is None else v for v in data], float)
+
+
+def _seed_stat(values, statistic: str) -> float:
+    if values is None:
+        return math.nan
+    if statistic == "auc":
+        return float(mean_auc(values[0][None], values[1][None])[0])
+    return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+
+
+def _seeds(records: Sequence[dict]) -> list[int]:
+    return sorted({r["seed"] for r in records if "seed" in r})
+
+
+def _compare(items: dict, seeds: Sequence[int], a: str, b: str, phantom: str, epochs: int, part: str, metric: str,
+             statistic: str) -> Difference | None:  # fmt: skip
+    """ELVIS-style paired difference ``a - b`` over the seeds both have."""
+    pairs = [(_values(items, _run_name(phantom, a, s, epochs), part, metric, statistic),
+              _values(items, _run_name(phantom, b, s, epochs), part, metric, statistic)) for s in seeds]  # fmt: skip
+    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+    if not pairs:
+        return None
+    return paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs], statistic)
+
+
+def _cell(d: Difference | None, higher_better: bool = True) -> str:
+    if d is None:
+        return "n/a"
+    text = str(d)
+    return f"**{text}**" if d.significant else text
+
+
+def measures_table(items: dict, objectives: Sequence[str], seeds: Sequence[int], phantom: str, epochs: int,
+                   measures=MEASURES) -> str:  # fmt: skip
+    """Mean ± sample std over seeds of each measure, one row per objective."""
+    lines = ["| objective | " + " | ".join(m[0] for m in measures) + " |", "| --- |" + " ---: |" * len(measures)]
+    for o in objectives:
         cells = []
-        for c in cats:
-            vals = [row.get("cnr") for r in by[("grounding", o)] for row in r["table"] if row["category"] == c]
-            cells.append(_fmt(*_ms(vals), digits=2))
+        for _, part, metric, statistic, _ in measures:
+            per_seed = [_seed_stat(_values(items, _run_name(phantom, o, s, epochs), part, metric, statistic), statistic)
+                        for s in seeds]  # fmt: skip
+            cells.append(_fmt(*_ms(per_seed)))
         lines.append(f"| {LABELS[o]} | " + " | ".join(cells) + " |")
-    cnr_table = "\n".join(lines)
+    return "\n".join(lines)
 
+
+def differences_table(items: dict, objectives: Sequence[str], seeds: Sequence[int], phantom: str, epochs: int,
+                      reference: str = "elvis", measures=MEASURES) -> tuple[str, dict]:  # fmt: skip
+    """``reference`` minus each other objective, per measure, with the 95% paired bootstrap interval (bold where it
+    excludes 0); returns the table and ``{(baseline, measure label): Difference}``."""
+    others = [o for o in BASELINES if o in objectives and o != reference]
+    found: dict = {}
+    lines = ["| measure | " + " | ".join(f"vs {LABELS[o]}" for o in others) + " |", "| --- |" + " ---: |" * len(others)]
+    for label, part, metric, statistic, higher in measures:
+        cells = []
+        for o in others:
+            d = _compare(items, seeds, reference, o, phantom, epochs, part, metric, statistic)
+            found[(o, label)] = d
+            cells.append(_cell(d, higher))
+        arrow = "" if higher else " (lower is better)"
+        lines.append(f"| {label}{arrow} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), found
+
+
+def _seg_name(objective: str, seed: int, mode: str, fraction: float) -> str:
+    return f"seg_{objective}_s{seed}_{mode}_{fraction}"
+
+
+def segmentation_tables(records: Sequence[dict], items: dict, seeds: Sequence[int]) -> tuple[str, str, dict]:
+    """Test Dice mean ± std by (mode, fraction), and ELVIS minus each baseline with its interval."""
     seg = [r for r in records if r.get("step") == "segmentation"]
+    if not seg:
+        return "", "", {}
+    objs = _objectives(seg)
     fracs = sorted({r["fraction"] for r in seg})
     modes = [m for m in ("frozen", "finetune") if any(r["mode"] == m for r in seg)]
-    head = [f"{m} {f:g}" for m in modes for f in fracs]
+    head = [f"{m} {_pct(f)}" for m in modes for f in fracs]
     lines = ["| objective | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
     for o in objs:
         cells = [_fmt(*_ms(r.get("test_mean_dice") for r in seg if r["objective"] == o and r["mode"] == m
                            and r["fraction"] == f)) for m in modes for f in fracs]  # fmt: skip
         lines.append(f"| {LABELS[o]} | " + " | ".join(cells) + " |")
     dice = "\n".join(lines)
-    return {"overall": overall, "cnr_by_category": cnr_table, "dice": dice}
+    others = [o for o in BASELINES if o in objs]
+    found: dict = {}
+    lines = ["| labels | " + " | ".join(f"vs {LABELS[o]}" for o in others) + " |", "| --- |" + " ---: |" * len(others)]
+    for m in modes:
+        for f in fracs:
+            cells = []
+            for o in others:
+                pairs = [(_values(items, _seg_name("elvis", s, m, f), "segmentation", "test_mean_dice", "mean"),
+                          _values(items, _seg_name(o, s, m, f), "segmentation", "test_mean_dice", "mean")) for s in seeds]  # fmt: skip
+                pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+                d = paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs]) if pairs else None
+                found[(o, m, f)] = d
+                cells.append(_cell(d))
+            lines.append(f"| {m} {_pct(f)} | " + " | ".join(cells) + " |")
+    return dice, "\n".join(lines), found
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def length_table(items: dict, records: Sequence[dict], seeds: Sequence[int]) -> tuple[str, dict]:
+    """For each pre-training length run for both ELVIS and one-hot: their means, and ELVIS minus one-hot."""
+    lengths = sorted({r["epochs"] for r in records if r.get("step") == "locality" and r.get("phantom") == "easy"
+                      and r.get("objective") == "elvis"} & {r["epochs"] for r in records if r.get("step") == "locality"
+                      and r.get("phantom") == "easy" and r.get("objective") == "one_hot"})  # fmt: skip
+    chosen = [m for m in MEASURES if m[0] in ("zero-shot AUC", "locality", "CNR", "pointing")]
+    head = [f"{m[0]} ELVIS" for m in chosen] + [f"{m[0]} one-hot" for m in chosen] + [f"{m[0]} ELVIS − one-hot" for m in chosen]
+    lines = ["| epochs | " + " | ".join(head) + " |", "| ---: |" + " ---: |" * len(head)]
+    found: dict = {}
+    for e in lengths:
+        means = []
+        for o in ("elvis", "one_hot"):
+            for _, part, metric, statistic, _ in chosen:
+                per_seed = [_seed_stat(_values(items, _run_name("easy", o, s, e), part, metric, statistic), statistic)
+                            for s in seeds]  # fmt: skip
+                means.append(_fmt(*_ms(per_seed)))
+        diffs = []
+        for label, part, metric, statistic, higher in chosen:
+            d = _compare(items, seeds, "elvis", "one_hot", "easy", e, part, metric, statistic)
+            found[(e, label)] = d
+            diffs.append(_cell(d, higher))
+        lines.append(f"| {e} | " + " | ".join(means + diffs) + " |")
+    return ("\n".join(lines) if lengths else ""), found
+
+
+def summary_tables(records: Sequence[dict], items: dict | None = None) -> dict[str, str]:
+    """Markdown tables: ``measures`` and ``differences`` (default phantom, main length), ``cnr_by_category``,
+    ``lengths``, ``hard_measures`` and ``hard_differences`` (realistic phantom), ``dice`` and ``dice_differences``,
+    ``seg_curve``; and the differences found (``found``, for the text)."""
+    items = items or {}
+    epochs, phantom = _setting(records)
+    seeds = _seeds(records)
+    main = [r for r in records if r.get("phantom", phantom) == phantom and r.get("epochs", epochs) == epochs]
+    objs = _objectives(main)
+    out: dict = {"measures": measures_table(items, objs, seeds, phantom, epochs)}
+    out["differences"], out["found"] = differences_table(items, objs, seeds, phantom, epochs)
+
+    grounding = [r for r in main if r.get("step") == "grounding"]
+    cats = sorted({row["category"] for r in grounding for row in r["table"]} - {"all"})
+    lines = ["| objective | " + " | ".join(cats) + " |", "| --- |" + " ---: |" * len(cats)]
+    for o in objs:
+        cells = []
+        for c in cats:
+            cnr = [row.get("cnr") for r in grounding if r["objective"] == o for row in r["table"] if row["category"] == c]
+            hit = [row.get("pointing") for r in grounding if r["objective"] == o for row in r["table"] if row["category"] == c]
+            cells.append(f"{_fmt(*_ms(cnr), digits=2)} / {_fmt(*_ms(hit), digits=2)}")
+        lines.append(f"| {LABELS[o]} | " + " | ".join(cells) + " |")
+    out["cnr_by_category"] = "\n".join(lines)
+
+    out["lengths"], out["found_lengths"] = length_table(items, records, seeds)
+    hard = [r for r in records if r.get("phantom") == "realistic"]
+    hard_objs = _objectives(hard)
+    if hard_objs:
+        out["hard_measures"] = measures_table(items, hard_objs, seeds, "realistic", epochs)
+        out["hard_differences"], out["found_hard"] = differences_table(items, hard_objs, seeds, "realistic", epochs)
+    out["dice"], out["dice_differences"], out["found_dice"] = segmentation_tables(records, items, seeds)
+    curve = next((r for r in records if r.get("step") == "seg_curve"), None)
+    if curve:
+        lines = ["| steps | validation Dice |", "| ---: | ---: |"]
+        lines += [f"| {c['iterations']} | {c['val_mean_dice']:.3f} |" for c in curve["curve"] if c["val_mean_dice"] is not None]
+        out["seg_curve"] = "\n".join(lines)
+    return out
+
+
+def conclusions(tables: dict) -> list[str]:
+    """Sentences of what the intervals say: for each baseline, where ELVIS is clearly better, clearly worse, or not
+    distinguishable (the 95% interval of the difference includes 0)."""
+    text = []
+
+    def sentence(subject: str, found: dict, keys: Sequence, label_of) -> str | None:
+        better, worse, unclear = [], [], []
+        for key in keys:
+            d = found.get(key)
+            if d is None or str(d) == "n/a":
+                continue
+            higher = label_of(key)[1]
+            name = label_of(key)[0]
+            if not d.significant:
+                unclear.append(name)
+            elif (d.value > 0) == higher:
+                better.append(f"{name} ({d})")
+            else:
+                worse.append(f"{name} ({d})")
+        if not (better or worse or unclear):
+            return None
+        parts = []
+        if better:
+            parts.append("better on " + ", ".join(better))
+        if worse:
+            parts.append("worse on " + ", ".join(worse))
+        if unclear:
+            parts.append("not distinguishable on " + ", ".join(unclear))
+        return f"{subject}: ELVIS is " + "; ".join(parts) + "."
+
+    higher = {m[0]: m[4] for m in MEASURES}
+    found = tables.get("found", {})
+    for o in BASELINES:
+        keys = [(o, m[0]) for m in MEASURES if (o, m[0]) in found]
+        s = sentence(f"Against {LABELS[o]} (default phantom)", found, keys, lambda k: (k[1], higher[k[1]]))
+        if s:
+            text.append(s)
+    lengths = tables.get("found_lengths", {})
+    for e in sorted({k[0] for k in lengths}):
+        keys = [k for k in lengths if k[0] == e]
+        s = sentence(f"Against one-hot after {e} epochs", lengths, keys, lambda k: (k[1], higher[k[1]]))
+        if s:
+            text.append(s)
+    hard = tables.get("found_hard", {})
+    for o in BASELINES:
+        keys = [(o, m[0]) for m in MEASURES if (o, m[0]) in hard]
+        s = sentence(f"Against {LABELS[o]} (realistic phantom)", hard, keys, lambda k: (k[1], higher[k[1]]))
+        if s:
+            text.append(s)
+    dice = tables.get("found_dice", {})
+    for o in BASELINES:
+        keys = [k for k in dice if k[0] == o]
+        s = sentence(f"Segmentation Dice against {LABELS[o]}", dice, keys, lambda k: (f"{k[1]} {_pct(k[2])}", True))
+        if s:
+            text.append(s)
+    return text
 
 
 def _yerr(stats: Sequence[tuple[float, float, int]], top: float | None = None) -> np.ndarray:
@@ -87,16 +307,95 @@ def _yerr(stats: Sequence[tuple[float, float, int]], top: float | None = None) -
     return np.stack([low, high])
 
 
+def _length_plot(records: Sequence[dict], items: dict, out_dir: Path, plt) -> list[Path]:
+    """``length_axis.png``: locality, pointing and CNR of ELVIS and one-hot against the pre-training length."""
+    seeds = _seeds(records)
+    lengths = sorted({r["epochs"] for r in records if r.get("step") == "locality" and r.get("phantom") == "easy"})
+    chosen = [m for m in MEASURES if m[0] in ("locality", "pointing", "CNR", "zero-shot AUC")]
+    if len(lengths) < 2:
+        return []
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3.4), squeeze=False)
+    for ax, (label, part, metric, statistic, _) in zip(axes[0], chosen):
+        for o in ("elvis", "one_hot"):
+            stats = [_ms(_seed_stat(_values(items, _run_name("easy", o, s, e), part, metric, statistic), statistic)
+                         for s in seeds) for e in lengths]  # fmt: skip
+            ax.errorbar(lengths, [st[0] for st in stats], yerr=[st[1] if st[2] > 1 else 0 for st in stats], marker="o",
+                        capsize=2, label=LABELS[o])  # fmt: skip
+        ax.set_xticks(lengths)
+        ax.set_xlabel("pre-training epochs")
+        ax.set_ylabel(f"{label} (mean ± std over seeds)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Training length, default phantom, test split")
+    fig.tight_layout()
+    path = out_dir / "length_axis.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _curve_plot(records: Sequence[dict], out_dir: Path, plt, seg_iterations: int | None = None) -> list[Path]:
+    """``seg_curve.png``: validation Dice of the from-scratch segmentation model against its training steps."""
+    curve = next((r for r in records if r.get("step") == "seg_curve"), None)
+    if not curve:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    points = [c for c in curve["curve"] if c["val_mean_dice"] is not None]
+    ax.plot([c["iterations"] for c in points], [c["val_mean_dice"] for c in points], marker="o", label="from scratch, 100% labels")
+    if seg_iterations:
+        ax.axvline(seg_iterations, color="grey", linestyle="--", label=f"the study's schedule ({seg_iterations} steps)")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("validation mean Dice")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.set_title("Segmentation learning curve (chooses the schedule)")
+    fig.tight_layout()
+    path = out_dir / "seg_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _forest_plot(found: dict, out_dir: Path, plt) -> Path:
+    """``differences.png``: ELVIS minus each baseline per measure, with the 95% paired bootstrap interval."""
+    labels = [m[0] for m in MEASURES]
+    others = [o for o in BASELINES if any(k[0] == o for k in found)]
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.2 * len(labels), 0.45 * len(others) + 1.6), sharey=True,
+                             squeeze=False)  # fmt: skip
+    for ax, label in zip(axes[0], labels):
+        for i, o in enumerate(others):
+            d = found.get((o, label))
+            if d is None:
+                continue
+            ax.errorbar([d.value], [i], xerr=[[d.value - d.low], [d.high - d.value]], fmt="o",
+                        color="C2" if d.significant else "grey", capsize=3)  # fmt: skip
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(label + ("" if dict((m[0], m[4]) for m in MEASURES)[label] else " (lower better)"), fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(others)), [f"vs {LABELS[o]}" for o in others], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("ELVIS minus baseline, default phantom test split: 95% paired bootstrap interval (green: excludes 0)",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    path = out_dir / "differences.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] | None = None,
-          phrases: Sequence[dict] | None = None) -> list[Path]:  # fmt: skip
-    """``cnr_per_category.png``, ``dice_vs_fraction.png``, ``locality.png`` and, with heatmap folders,
-    ``heatmaps.png``."""
+          phrases: Sequence[dict] | None = None, items: dict | None = None,
+          differences: dict | None = None, seg_iterations: int | None = None) -> list[Path]:  # fmt: skip
+    """``cnr_per_category.png``, ``dice_vs_fraction.png``, ``locality.png``, ``length_axis.png``, ``seg_curve.png``,
+    ``differences.png`` and, with heatmap folders, ``heatmaps.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    epochs, phantom = _setting(records)
+    all_records, records = records, [r for r in records if r.get("phantom", phantom) == phantom
+                                     and r.get("epochs", epochs) == epochs]  # fmt: skip
     objs = _objectives(records)
     written = []
 
@@ -130,7 +429,7 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
                 ax.errorbar([100 * f for f in fracs], [s[0] for s in stats], yerr=_yerr(stats, top=1.0), marker="o",
                             capsize=2, label=LABELS[o])  # fmt: skip
             ax.set_xscale("log")
-            ax.set_xticks([100 * f for f in fracs], [f"{100 * f:g}%" for f in fracs])
+            ax.set_xticks([100 * f for f in fracs], [_pct(f) for f in fracs])
             ax.minorticks_off()
             ax.set_ylim(bottom=0)
             ax.set_xlabel("labels used")
@@ -153,6 +452,11 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
     written.append(out_dir / "locality.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+
+    written += _length_plot(all_records, items or {}, out_dir, plt)
+    written += _curve_plot(all_records, out_dir, plt, seg_iterations)
+    if differences:
+        written.append(_forest_plot(differences, out_dir, plt))
 
     if heatmap_dirs and phrases:
         from PIL import Image
@@ -204,18 +508,51 @@ def _tokenizer_dir(work: Path) -> Path:
     return Path(given) if given else work / "tokenizer"
 
 
+def _settings_text(config: dict, records: Sequence[dict]) -> list[str]:
+    """What was run, from the study's ``config.json``."""
+    if not config:
+        return []
+    seg_objs = config.get("seg_objectives") or config.get("objectives", [])
+    return [
+        f"- Seeds {config.get('seeds')}; every objective pre-trained for {config.get('pretrain_epochs')} epochs on the "
+        f"default (easy) phantom, scale `{config.get('scale')}`; measured on its **{config.get('split')}** split.",
+        f"- Training-length axis: {', '.join(LABELS[o] for o in config.get('length_objectives', []))} also for "
+        f"{config.get('length_epochs')} epochs.",
+        f"- Realistic (harder) phantom: {', '.join(LABELS[o] for o in config.get('hard_objectives', []))}.",
+        f"- Segmentation: {', '.join(LABELS[o] for o in seg_objs)}; {config.get('seg_iterations')} steps of batch "
+        f"{config.get('seg_batch_size')} at {', '.join(_pct(f) for f in config.get('seg_fractions', []))} of the labels, "
+        "encoder frozen (a decoder trained on it) and fine-tuned; random init fine-tuned is training from scratch.",
+        "- Intervals: ELVIS minus the baseline, 95% paired bootstrap over seeds and test items (2,000 resamples, "
+        "`study/stats.py`); **bold** where the interval excludes 0. Mean ± sample standard deviation over seeds "
+        "elsewhere.",
+    ]
+
+
 def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | Path | None = None) -> Path:
-    """Write ``results.md`` with the tables, ``records.json`` and the plots into ``out_dir``."""
+    """Write ``results.md`` with the tables and the text of what they say, ``records.json``, the per-item values
+    (``items/``) and the plots into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = summary_tables(records)
+    config: dict = {}
+    items = load_items(work_dir) if work_dir is not None else {}
+    if work_dir is not None and (Path(work_dir) / "config.json").is_file():
+        config = json.loads((Path(work_dir) / "config.json").read_text())
+    if items and Path(work_dir, "items").resolve() != (out_dir / "items").resolve():  # the values behind the intervals
+        shutil.copytree(Path(work_dir) / "items", out_dir / "items", dirs_exist_ok=True)
+    if not items:
+        items = load_items(out_dir)
+    if config:
+        (out_dir / "study_config.json").write_text(json.dumps(config, indent=1))
+    elif (out_dir / "study_config.json").is_file():
+        config = json.loads((out_dir / "study_config.json").read_text())
+    tables = summary_tables(records, items)
     heatmap_dirs, phrases = None, None
     if work_dir is not None:
         work = Path(work_dir)
         if (work / "heatmap_phrases.json").is_file():
             phrases = json.loads((work / "heatmap_phrases.json").read_text())
             heatmap_dirs = {o: work / "heatmaps" / o for o in _objectives(records) if (work / "heatmaps" / o).is_dir()}
-    pngs = plots(records, out_dir, heatmap_dirs, phrases)
+    pngs = plots(records, out_dir, heatmap_dirs, phrases, items, tables.get("found"), config.get("seg_iterations"))
     tokenizer_note = []
     if work_dir is not None:  # WordPiece training is not deterministic: say which tokenizer the runs used
         work = Path(work_dir).resolve()
@@ -236,10 +573,26 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
              f"{len(sessions)} invocation(s) of the study command, the last {sessions[-1] / 60:.1f} min." if sessions
              else f"Time of the steps so far: {steps / 60:.1f} min (the study has not finished).", ""]
     text += tokenizer_note
-    text += ["## Grounding, locality and retrieval", "", tables["overall"], "",
-             "## Grounding CNR per category", "", tables["cnr_by_category"], "",
-             "## Segmentation test Dice by label fraction", "", tables["dice"], "",
-             "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]  # fmt: skip
+    text += _settings_text(config, records) + ([""] if config else [])
+    said = conclusions(tables)
+    if said:
+        text += ["## What the data say", "", "Generated from the intervals below: a difference is named only where its "
+                 "95% interval excludes 0.", ""] + [f"- {s}" for s in said] + [""]  # fmt: skip
+    text += ["## Pre-training measures, default phantom", "", tables["measures"], "",
+             "## ELVIS minus each baseline, default phantom", "", tables["differences"], "",
+             "## Grounding per category: CNR / pointing", "", tables["cnr_by_category"], ""]  # fmt: skip
+    if tables.get("lengths"):
+        text += ["## Training length: ELVIS and one-hot", "", tables["lengths"], ""]
+    if tables.get("hard_measures"):
+        text += ["## Realistic (harder) phantom", "", tables["hard_measures"], "", tables["hard_differences"], ""]
+    if tables.get("dice"):
+        text += ["## Segmentation test Dice by label fraction", "", tables["dice"], "",
+                 "ELVIS minus each baseline:", "", tables["dice_differences"], ""]  # fmt: skip
+    if tables.get("seg_curve"):
+        text += ["## The segmentation schedule", "", "Validation Dice of a model trained from scratch on every label, "
+                 "after each epoch of its run (the study's schedule is marked on `seg_curve.png`):", "",
+                 tables["seg_curve"], ""]  # fmt: skip
+    text += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out_dir / "results.md").write_text("\n".join(text) + "\n")
     (out_dir / "records.json").write_text(json.dumps(list(records), indent=1))
     return out_dir / "results.md"

@@ -11,6 +11,8 @@ interval; one that excludes 0 says the difference is unlikely to come from the s
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +35,12 @@ class Difference:
 
     @property
     def significant(self) -> bool:
-        """The interval excludes 0."""
+        """The interval excludes 0 (False when it could not be computed)."""
         return bool(self.low > 0 or self.high < 0)
 
     def __str__(self) -> str:
+        if math.isnan(self.value) or math.isnan(self.low):
+            return "n/a"
         return f"{self.value:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
 
 
@@ -86,6 +90,12 @@ def paired_bootstrap(a: Sequence, b: Sequence, statistic: str = "mean", resample
     """
     if statistic not in ("mean", "auc"):
         raise ValueError(f"statistic must be 'mean' or 'auc', got {statistic!r}.")
+    with warnings.catch_warnings():  # items or resamples with nothing scored give NaN, said by the result
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _paired_bootstrap(a, b, statistic, resamples, seed)
+
+
+def _paired_bootstrap(a: Sequence, b: Sequence, statistic: str, resamples: int, seed: int) -> Difference:
     n = _check(a, b)
     s = len(a)
     rng = np.random.default_rng(seed)
@@ -108,5 +118,7 @@ def paired_bootstrap(a: Sequence, b: Sequence, statistic: str = "mean", resample
         point = float(np.mean([full(x) - full(y) for x, y in zip(a, b)]))
         per_seed = np.stack([stat(x) - stat(y) for x, y in zip(a, b)])  # [S, B]
     boot = np.nanmean(per_seed[seeds.T, np.arange(resamples)], axis=0)  # [B]: the drawn seeds' mean
+    if np.isnan(boot).all():
+        return Difference(point, math.nan, math.nan, s, n)
     low, high = np.nanpercentile(boot, [2.5, 97.5])
     return Difference(point, float(low), float(high), s, n)

@@ -18,29 +18,53 @@ def _study(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_study_runs_resumes_and_reports(phantom, tmp_path):
+    from monai_elvis.data.phantom import prepare_phantom
+
+    hard = tmp_path / "realistic"
+    prepare_phantom(hard, num=40, size=64, workers=1, difficulty="realistic")
     work, out = tmp_path / "work", tmp_path / "results"
     args = ["run", "--work-dir", str(work), "--out", str(out), "--dataset-dir", str(phantom), "--phantom-num", "40",
-            "--image-size", "64", "--objectives", "elvis", "random", "--seeds", "0", "1", "--pretrain-epochs", "1",
-            "--seg-iterations", "2", "--seg-fractions", "0.5", "1.0"]  # fmt: skip
+            "--image-size", "64", "--objectives", "elvis", "one_hot", "random", "--seeds", "0", "1",
+            "--pretrain-epochs", "1", "--length-objectives", "elvis", "one_hot", "--length-epochs", "2",
+            "--hard-dataset-dir", str(hard), "--hard-objectives", "elvis", "random", "--seg-objectives", "elvis", "random",
+            "--seg-iterations", "2", "--seg-fractions", "0.5", "1.0", "--seg-curve-epochs", "2",
+            "--seg-curve-epoch-length", "2"]  # fmt: skip
     res = _study(*args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     records = [json.loads(line) for line in (work / "records.jsonl").read_text().splitlines()]
-    steps = [(r["step"], r.get("objective"), r.get("seed")) for r in records]
-    for objective in ("elvis", "random"):
-        for seed in (0, 1):
+    steps = [(r["step"], r.get("objective"), r.get("seed"), r.get("phantom"), r.get("epochs")) for r in records]
+    for seed in (0, 1):
+        runs = [(o, "easy", 1) for o in ("elvis", "one_hot", "random")] + [(o, "easy", 2) for o in ("elvis", "one_hot")]
+        runs += [(o, "realistic", 1) for o in ("elvis", "random")]
+        for objective, phantom_name, epochs in runs:
             for step in ("pretrain", "locality", "grounding"):
-                assert steps.count((step, objective, seed)) == 1, (step, objective, seed)
-            assert steps.count(("segmentation", objective, seed)) == 4  # 2 fractions x frozen / fine-tuned
+                assert steps.count((step, objective, seed, phantom_name, epochs)) == 1, (step, objective, seed, phantom_name)
+            name = f"{phantom_name}_{objective}_s{seed}_e{epochs}"
+            items = json.loads((work / "items" / f"{name}.json").read_text())
+            test_size = len(items["validate"]["metrics"]["val_locality"])
+            assert test_size > 0 and len(items["validate"]["metrics"]["val_zero_shot_auc"][0]) == test_size
+            assert len(items["grounding"]["metrics"]["side"]) == len(items["grounding"]["category"]) > 0
+        for objective in ("elvis", "random"):  # segmentation of the main length's models only, as asked
+            assert steps.count(("segmentation", objective, seed, "easy", 1)) == 4  # 2 fractions x frozen / fine-tuned
+        assert steps.count(("segmentation", "one_hot", seed, "easy", 1)) == 0
+    curve = next(r for r in records if r["step"] == "seg_curve")
+    assert [c["iterations"] for c in curve["curve"]] == [2, 4]
     grounding = next(r for r in records if r["step"] == "grounding")
     assert grounding["table"][-1]["category"] == "all" and grounding["table"][-1]["n"] > 0
     seg = next(r for r in records if r["step"] == "segmentation")
     assert 0 <= seg["test_mean_dice"] <= 1 and set(seg["test_dice_per_class"]) >= {"nodule", "effusion"}
+    seg_items = json.loads((work / "items" / "seg_elvis_s0_frozen_0.5.json").read_text())["segmentation"]["metrics"]
+    scored = [v for v in seg_items["test_mean_dice"] if v is not None]
+    assert scored and sum(scored) / len(scored) == pytest.approx(seg["test_mean_dice"], abs=1e-5)
     # the frozen random encoder and the ELVIS encoder differ, so do their pretrain checkpoints
-    assert (work / "pretrain" / "random_s0" / "models" / "model.pt").is_file()
+    assert (work / "pretrain" / "easy_random_s0_e1" / "models" / "model.pt").is_file()
     text = (out / "results.md").read_text()
-    for label in ("ELVIS (intra-modal)", "random init", "frozen 0.5", "finetune 1"):
-        assert label in text
-    for png in ("cnr_per_category", "dice_vs_fraction", "locality", "heatmaps"):
+    for label in ("ELVIS (intra-modal)", "random init", "frozen 50%", "finetune 100%", "vs one-hot local",
+                  "## Training length", "## Realistic (harder) phantom", "## The segmentation schedule"):
+        assert label in text, label
+    assert (out / "items" / "easy_elvis_s0_e1.json").is_file() and (out / "study_config.json").is_file()
+    for png in ("cnr_per_category", "dice_vs_fraction", "locality", "heatmaps", "length_axis", "seg_curve",
+                "differences"):
         assert (out / f"{png}.png").stat().st_size > 5000, png
     # a second invocation finds every step recorded and runs none again
     res = _study(*args)
@@ -138,8 +162,8 @@ def test_sweep_runs_on_validation_resumes_and_reports(phantom, tmp_path):
         assert not (sub / "tokenizer").exists()
         steps = [json.loads(line)["step"] for line in (sub / "records.jsonl").read_text().splitlines()]
         assert steps == ["pretrain", "locality", "grounding", "session"]  # no segmentation, no heatmaps
-        assert (sub / "pretrain" / "elvis_s0" / "eval" / "validation_metrics.json").is_file()
-        assert not (sub / "pretrain" / "elvis_s0" / "eval" / "test_metrics.json").exists()
+        assert (sub / "pretrain" / "easy_elvis_s0_e1" / "eval" / "validation_metrics.json").is_file()
+        assert not (sub / "pretrain" / "easy_elvis_s0_e1" / "eval" / "test_metrics.json").exists()
     text = (out / "sweep_validation.md").read_text()
     assert "validation split" in text
     rows = [line for line in text.splitlines() if line.startswith("| elvis |") or line.startswith("| local_weight=2 |")]
