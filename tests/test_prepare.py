@@ -352,6 +352,7 @@ def test_bundle_disk_cache_and_the_mimic_overlay(tmp_path):
     ds = SkippingCacheDataset(data, pipeline, cache_dir=parser.get_parsed_content("cache_dir"))
     assert ds[0]["image"].shape == (1, 32, 32) and len(list((tmp_path / "prepared" / "cache").glob("*.pt"))) == 1
     assert parser.get_parsed_content("validate_grounding") is False
+    assert parser.get_parsed_content("grounding#dataset#data") == []  # no MS-CXR CSV is looked for
 
     unprepared = ConfigParser()
     unprepared.read_config([str(ROOT / "bundles/elvis_pretrain/configs/train.json"),
