@@ -78,13 +78,19 @@ def test_lovt_reference_agrees_with_the_objective():
 
 
 def test_transforms_benchmark_records(capsys):
-    main(["transforms", "--json", "--pairs", "2", "--size", "64"])
+    main(["transforms", "--json", "--pairs", "2", "--size", "64", "--prepared-size", "128"])
     records = json.loads(capsys.readouterr().out)
-    assert [r["format"] for r in records] == ["dicom", "png16", "jpeg8"]
+    assert [r["format"] for r in records] == ["dicom", "png16", "jpeg8", "prepared_png8", "prepared_png16",
+                                              "prepared_png8_disk_cache"]  # fmt: skip
+    stages = ["decode_ms", "spatial_ms", "augmentation_ms", "tokenisation_ms"]
     for r in records:
-        assert set(r) == {"format", "pairs", "size", "pairs_per_s", "ms_per_pair"}
+        assert set(r) == {"format", "source", "pairs", "size", "pairs_per_s", "ms_per_pair", *stages}
         assert r["pairs"] == 2 and r["size"] == 64 and r["pairs_per_s"] > 0
         assert r["ms_per_pair"] == pytest.approx(1000 / r["pairs_per_s"], rel=0.02)
+        assert r["ms_per_pair"] == pytest.approx(sum(r[s] for s in stages), abs=0.05)
+        assert r["source"] == ("full size 1955x1841" if not r["format"].startswith("prepared") else
+                               "prepared 128x121" + (", disk cache" if r["format"].endswith("cache") else ""))  # fmt: skip
+    assert records[-1]["spatial_ms"] == 0 and records[3]["spatial_ms"] > 0
 
 
 def test_train_step_benchmark_records(capsys):

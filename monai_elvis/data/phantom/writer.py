@@ -9,7 +9,6 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from monai_elvis.data.builders import split_items
 from monai_elvis.data.phantom.findings import warm_up
 from monai_elvis.data.phantom.generator import PhantomGenerator
+from monai_elvis.data.workers import in_spawned_main, spawn_can_run_main
 from monai_elvis.keys import Keys
 from monai_elvis.transforms.report import ExtractReportSections
 
@@ -48,22 +48,10 @@ class PhantomWorkerError(RuntimeError):
 
 
 def _refuse_in_spawned_main() -> None:
-    """Fail at once inside a new worker that is re-running the caller's main script (the spawn start method runs
-    it before the worker starts), where a nested pool could only start more such workers. ``_inheriting`` is the
-    flag multiprocessing itself checks for this."""
-    bootstrapping = getattr(mp.current_process(), "_inheriting", False)
-    if bootstrapping and getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__":
+    """Fail at once inside a new worker that is re-running the caller's main script (see
+    :func:`monai_elvis.data.workers.in_spawned_main`)."""
+    if in_spawned_main():
         raise PhantomWorkerError("a phantom render worker is running the main script again. " + _WORKER_HELP)
-
-
-def _spawn_can_run_main() -> bool:
-    """Whether spawned workers can import the main module: not when it is a script read from stdin (``python -``),
-    whose "file" ``<stdin>`` they cannot open."""
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None):  # python -m: imported by name
-        return True
-    path = getattr(main, "__file__", None)
-    return path is None or os.path.isfile(path)
 
 
 def _init_worker(generator: PhantomGenerator | str, out: Path) -> None:
@@ -122,7 +110,7 @@ def write_phantom(
     """
     if workers > 1:
         _refuse_in_spawned_main()
-        if not _spawn_can_run_main():
+        if not spawn_can_run_main():
             logger.warning("the main script was read from stdin, where worker processes cannot start: rendering the "
                            "phantom in this process (workers=1)")  # fmt: skip
             workers = 1
