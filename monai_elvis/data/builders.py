@@ -419,7 +419,11 @@ def build_chexpert(
             if split is None:  # a train.csv row: its patient's split (no test split beside valid.csv)
                 split = splits[entry["patient"]]
                 split = SPLITS[1] if split == SPLITS[2] and valid_file is not None else split
-            yield split, {Keys.IMAGE: os.path.relpath(path, root), **entry}
+            try:  # CheXpert's own layout: the path under root, without the folder's name
+                image = str(path.resolve().relative_to(root.resolve()))
+            except ValueError:
+                image = os.path.relpath(path, root)
+            yield split, {Keys.IMAGE: image, **entry}
 
     return _datalist(entries(), summary), summary
 
