@@ -29,11 +29,13 @@ def _linear_probe(args: argparse.Namespace) -> int:
     rows = probe_table(records, args.fractions, args.encoders)
     print(text_table(rows))
     seconds = sum(r["seconds"] for r in records)
-    summary = (f"Test AUROC, mean over the finding kinds, mean ± sample std over seeds {', '.join(map(str, args.seeds))}; "
-               f"linear probe (frozen encoder), {cfg.epochs} epochs of {cfg.iterations} steps of batch {cfg.batch_size} "
+    seeds = ", ".join(map(str, args.seeds))
+    summary = (f"Test AUROC, mean over the finding kinds, mean ± sample std over seeds {seeds}; linear probe "
+               f"(frozen encoder), {cfg.epochs} epochs of {cfg.iterations} steps of batch {cfg.batch_size} "
                f"at every fraction, learning rate {cfg.learning_rate:g}, {cfg.image_size} px, model of the best "
                f"validation AUROC tested. {len(records)} runs, {seconds / 60:.1f} min of runs; this command "
-               f"{minutes:.1f} min, 1-min load average {load:.1f} at the start and {load_after:.1f} at the end.")  # fmt: skip
+               f"{minutes:.1f} min, 1-min load average {load:.1f} at the start and {load_after:.1f} at the "
+               "end.")  # fmt: skip
     print(summary)
     if args.out:
         per_class = per_class_table(records, max(args.fractions), args.encoders)
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the study (resumes from <work-dir>/records.jsonl), then write the report")
     report = sub.add_parser("report", help="write the report from <work-dir>/records.jsonl")
     sweep = sub.add_parser("sweep", help="ELVIS with one setting changed at a time, on the validation split")
-    probe = sub.add_parser("linear-probe", help="classification linear probe at 1/10/100%% of the labels: a pre-trained "
-                           "encoder against random initialisation, test AUROC mean ± std over seeds")  # fmt: skip
+    probe = sub.add_parser("linear-probe", help="classification linear probe at 1/10/100%% of the labels: a "
+                           "pre-trained encoder against random initialisation, test AUROC mean ± std over seeds")
     for p in (run, report, sweep):
         p.add_argument("--work-dir", default="runs/sweep" if p is sweep else "runs/study")
         p.add_argument("--out", default="docs/results", help="tables and plots go here")

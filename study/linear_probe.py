@@ -68,8 +68,8 @@ def run_linear_probe(cfg: ProbeConfig, progress: Callable[[str], None] = logger.
     from monai_elvis.data import datalist_split
 
     if "pretrained" in cfg.encoders and not Path(cfg.pretrained_ckpt).is_file():
-        raise FileNotFoundError(f"no pre-training checkpoint at {cfg.pretrained_ckpt}: pre-train first (python -m "
-                                "monai.bundle run --config_file bundles/elvis_pretrain/configs/train.json).")  # fmt: skip
+        raise FileNotFoundError(f"no pre-training checkpoint at {cfg.pretrained_ckpt}: pre-train first (python "
+                                "-m monai.bundle run --config_file bundles/elvis_pretrain/configs/train.json).")
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in ("work_dir", "seeds",
@@ -94,7 +94,8 @@ def run_linear_probe(cfg: ProbeConfig, progress: Callable[[str], None] = logger.
         n_train = len(datalist_split(Path(cfg.dataset_dir) / "datalist.json", "training", fraction=fraction, seed=seed))
         rec = {"encoder": encoder, "fraction": fraction, "seed": seed, "train_items": n_train,
                "val_mean_auroc": val["val_mean_auroc"], "test_mean_auroc": test["test_mean_auroc"],
-               "test_auroc_per_class": test["test_auroc_per_class"], "seconds": round(time.time() - start, 1)}  # fmt: skip
+               "test_auroc_per_class": test["test_auroc_per_class"],
+               "seconds": round(time.time() - start, 1)}  # fmt: skip
         with open(records_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
         records.append(rec)

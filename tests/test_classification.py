@@ -60,7 +60,8 @@ def test_workflow_properties_and_the_class_names_monai_label_shows(phantom, tmp_
     # one output per class: the metadata's channel_def (what MONAI Label names the scores by) is the class list
     channel_def = json.loads(Path(META).read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert [channel_def[str(i)] for i in range(len(channel_def))] == KINDS
-    assert ConfigParser.load_config_file(TRAIN)["class_names"] == KINDS == ConfigParser.load_config_file(INFER)["class_names"]
+    assert ConfigParser.load_config_file(TRAIN)["class_names"] == KINDS
+    assert ConfigParser.load_config_file(INFER)["class_names"] == KINDS
 
 
 def test_two_iterations_from_a_pretraining_checkpoint_with_a_frozen_encoder(phantom, pretrained_bundle, tmp_path):
@@ -148,7 +149,8 @@ def test_the_loss_leaves_out_ignored_labels():
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits.flatten()[keep], target.flatten()[keep])
     torch.testing.assert_close(loss, expected)
     plain = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    torch.testing.assert_close(MultiLabelBCEWithLogitsLoss()(logits, plain), torch.nn.BCEWithLogitsLoss()(logits, plain))
+    expected = torch.nn.BCEWithLogitsLoss()(logits, plain)
+    torch.testing.assert_close(MultiLabelBCEWithLogitsLoss()(logits, plain), expected)
     assert float(MultiLabelBCEWithLogitsLoss()(logits, torch.full((2, 2), -1.0))) == 0.0
 
 
@@ -341,7 +343,8 @@ def test_linear_probe_command_writes_the_table(phantom, pretrained_bundle, tmp_p
     out = tmp_path / "probe.md"
     argv = ["linear-probe", "--pretrained-ckpt", str(pretrained_bundle / "models" / "model.pt"), "--dataset-dir",
             str(phantom), "--work-dir", str(tmp_path / "work"), "--fractions", "0.1", "1.0", "--seeds", "0",
-            "--epochs", "1", "--iterations", "1", "--batch-size", "4", "--image-size", "64", "--out", str(out)]  # fmt: skip
+            "--epochs", "1", "--iterations", "1", "--batch-size", "4", "--image-size", "64",
+            "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "pretrained" in printed and "random" in printed and "10%" in printed and "100%" in printed
