@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 PRETRAIN_COMMAND = "python -m monai.bundle run --config_file bundles/elvis_pretrain/configs/train.json"
 SEGMENTATION_TRAIN_COMMAND = ("python -m monai.bundle run --config_file "
                               "bundles/elvis_cxr_segmentation/configs/train.json")
+CLASSIFICATION_TRAIN_COMMAND = ("python -m monai.bundle run --config_file "
+                                "bundles/elvis_cxr_classification/configs/train.json")
+TRAIN_COMMANDS = {"segmentation": SEGMENTATION_TRAIN_COMMAND, "classification": CLASSIFICATION_TRAIN_COMMAND}
 PHRASE_EXAMPLE = "--phrase \"left pleural effusion\""
 
 
@@ -185,12 +188,14 @@ def require_pretrained_model(model_file: str | os.PathLike, text_model_dir: str 
         )
 
 
-def require_trained_model(model_file: str | os.PathLike) -> None:
-    """Raise :class:`MissingInputError` unless the segmentation bundle's trained ``model.pt`` exists."""
+def require_trained_model(model_file: str | os.PathLike, task: str = "segmentation") -> None:
+    """Raise :class:`MissingInputError` unless the ``task`` bundle's trained ``model.pt`` exists (``task``:
+    ``"segmentation"`` or ``"classification"``, the bundle ``elvis_cxr_<task>``)."""
     missing = _missing([model_file])
     if missing:
+        command = TRAIN_COMMANDS.get(task, SEGMENTATION_TRAIN_COMMAND)
         raise MissingInputError(
-            f"no trained segmentation model at {missing[0]}. Train one first: `{SEGMENTATION_TRAIN_COMMAND}` (add "
+            f"no trained {task} model at {missing[0]}. Train one first: `{command}` (add "
             "--pretrained_ckpt bundles/elvis_pretrain/models/model.pt to start from a pre-trained encoder), or add "
             "--ckpt_dir FOLDER to this command for a model.pt trained elsewhere."
         )

@@ -1,4 +1,5 @@
-"""``python -m study run|report``: the reproduction study (see README, "Reproduction study")."""
+"""``python -m study run|report|sweep|linear-probe``: the reproduction study (see README, "Reproduction study") and
+the classification linear probe."""
 
 from __future__ import annotations
 
@@ -12,12 +13,48 @@ from study.runner import OBJECTIVES, StudyConfig, StudyRunner, load_records
 from study.sweep import VARIANTS, run_sweep, sweep_records, write_sweep_report
 
 
+def _linear_probe(args: argparse.Namespace) -> int:
+    import os
+
+    from study.linear_probe import ProbeConfig, markdown, per_class_table, probe_table, run_linear_probe, text_table
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    cfg = ProbeConfig(pretrained_ckpt=args.pretrained_ckpt, work_dir=args.work_dir, dataset_dir=args.dataset_dir,
+                      fractions=args.fractions, seeds=args.seeds, encoders=args.encoders, epochs=args.epochs,
+                      iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                      image_size=args.image_size)  # fmt: skip
+    start, load = time.time(), os.getloadavg()[0]
+    records = run_linear_probe(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    minutes, load_after = (time.time() - start) / 60, os.getloadavg()[0]
+    rows = probe_table(records, args.fractions, args.encoders)
+    print(text_table(rows))
+    seconds = sum(r["seconds"] for r in records)
+    seeds = ", ".join(map(str, args.seeds))
+    summary = (f"Test AUROC, mean over the finding kinds, mean ± sample std over seeds {seeds}; linear probe "
+               f"(frozen encoder), {cfg.epochs} epochs of {cfg.iterations} steps of batch {cfg.batch_size} "
+               f"at every fraction, learning rate {cfg.learning_rate:g}, {cfg.image_size} px, model of the best "
+               f"validation AUROC tested. {len(records)} runs, {seconds / 60:.1f} min of runs; this command "
+               f"{minutes:.1f} min, 1-min load average {load:.1f} at the start and {load_after:.1f} at the "
+               "end.")  # fmt: skip
+    print(summary)
+    if args.out:
+        per_class = per_class_table(records, max(args.fractions), args.encoders)
+        text = (markdown(rows) + f"\n\n{summary}\n\nPer class at {max(args.fractions) * 100:g}% of the labels "
+                "(mean over the seeds):\n\n" + markdown(per_class) + "\n")  # fmt: skip
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m study", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the study (resumes from <work-dir>/records.jsonl), then write the report")
     report = sub.add_parser("report", help="write the report from <work-dir>/records.jsonl")
     sweep = sub.add_parser("sweep", help="ELVIS with one setting changed at a time, on the validation split")
+    probe = sub.add_parser("linear-probe", help="classification linear probe at 1/10/100%% of the labels: a "
+                           "pre-trained encoder against random initialisation, test AUROC mean ± std over seeds")
     for p in (run, report, sweep):
         p.add_argument("--work-dir", default="runs/sweep" if p is sweep else "runs/study")
         p.add_argument("--out", default="docs/results", help="tables and plots go here")
@@ -53,7 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seg-fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     run.add_argument("--seg-modes", nargs="+", default=["frozen", "finetune"], choices=["frozen", "finetune"])
     run.add_argument("--segmentation-overlay", default=None, help="e.g. configs/segmentation/paper.json")
+    probe.add_argument("--pretrained-ckpt", default="bundles/elvis_pretrain/models/model.pt",
+                       help="the pre-training bundle's model.pt")
+    probe.add_argument("--work-dir", default="runs/linear_probe")
+    probe.add_argument("--out", default=None, help="also write the tables as Markdown to this file")
+    probe.add_argument("--dataset-dir", default="data/phantom")
+    probe.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
+    probe.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    probe.add_argument("--encoders", nargs="+", default=["pretrained", "random"], choices=["pretrained", "random"])
+    probe.add_argument("--epochs", type=int, default=4, help="validations; the best one's model is tested")
+    probe.add_argument("--iterations", type=int, default=25, help="training steps per epoch, at every fraction")
+    probe.add_argument("--batch-size", type=int, default=32)
+    probe.add_argument("--learning-rate", type=float, default=0.01)
+    probe.add_argument("--image-size", type=int, default=128)
     args = parser.parse_args(argv)
+    if args.command == "linear-probe":
+        return _linear_probe(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from study.report import write_report
 

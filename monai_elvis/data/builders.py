@@ -35,6 +35,8 @@ __all__ = [
     "build_ms_cxr",
     "build_siim",
     "build_rsna",
+    "build_chexpert",
+    "CHEXPERT_COMPETITION",
     "build_iu_xray",
     "load_grounding_datalist",
     "datalist_split",
@@ -352,6 +354,80 @@ def build_rsna(
     return _datalist(entries(), summary), summary
 
 
+# ------------------------------------------------------------------------------------------ CheXpert
+CHEXPERT_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+
+
+def _chexpert_value(value: str) -> float:
+    """A CheXpert label cell: ``1.0`` positive, ``0.0`` negative, ``-1.0`` uncertain, blank (not mentioned) 0."""
+    if value == "":
+        return 0.0
+    v = float(value)
+    if v not in (1.0, 0.0, -1.0):
+        raise ValueError(f"label {value!r} is not 1, 0, -1 or blank")
+    return v
+
+
+def build_chexpert(
+    root: str | os.PathLike,
+    train_csv: str | os.PathLike | None = None,
+    valid_csv: str | os.PathLike | None = None,
+    classes: Sequence[str] = CHEXPERT_COMPETITION,
+    frontal_only: bool = True,
+    seed: int = 0,
+) -> tuple[dict[str, list], BuildSummary]:
+    """CheXpert-style label CSVs (CheXpert's ``train.csv`` / ``valid.csv``, or any CSV with a ``Path`` column and
+    one column per class).
+
+    ``Path`` is taken relative to ``root`` or to its parent (CheXpert's paths start with the dataset folder's own
+    name, ``CheXpert-v1.0-small/train/...``). Entries: ``image``, ``label`` (one value per class of ``classes``,
+    in that order: ``1.0`` positive, ``0.0`` negative or not mentioned (blank), ``-1.0`` uncertain; the bundle's
+    :class:`~monai_elvis.transforms.UncertainLabelsd` maps ``-1`` by a setting), ``patient``. ``train.csv`` is split
+    by patient, seeded: 85/15 into training and validation when ``valid.csv`` exists (it becomes the test split, as
+    CheXpert's radiologist-labelled validation set is used in the literature), 70/15/15 otherwise. With
+    ``frontal_only`` (default), lateral views (``Frontal/Lateral`` = ``Lateral``) are skipped.
+    """
+    root = Path(root)
+    summary = BuildSummary("chexpert")
+    train_file = Path(train_csv) if train_csv else _find(root, ["train.csv"], "train.csv")
+    valid_file = Path(valid_csv) if valid_csv else (root / "valid.csv" if (root / "valid.csv").is_file() else None)
+    classes = list(classes)
+    sources = [(train_file, None)] + ([(valid_file, SPLITS[2])] if valid_file is not None else [])
+    rows: list[tuple[str | None, str, dict]] = []
+    for csv_file, split in sources:
+        for i, row in enumerate(read_csv_rows(csv_file, ["Path", *classes]), start=2):
+            if frontal_only and row.get("Frontal/Lateral", "Frontal").lower() == "lateral":
+                summary.skip("lateral view", row["Path"])
+                continue
+            try:
+                label = [_chexpert_value(row[c]) for c in classes]
+            except ValueError as e:
+                raise DatasetFormatError(f"{csv_file} line {i}: {e}") from None
+            parts = Path(row["Path"]).parts
+            patient = next((p for p in parts if p.startswith("patient")), row["Path"])
+            rows.append((split, row["Path"], {Keys.LABEL: label, "patient": patient}))
+    train_patients = [r[2]["patient"] for r in rows if r[0] is None]
+    fractions = (0.85, 0.15, 0.0) if valid_file is not None else (0.7, 0.15, 0.15)
+    splits = split_items(train_patients, seed, fractions)
+
+    def entries() -> Iterator[tuple[str, dict]]:
+        for split, rel, entry in rows:
+            path = next((base / rel for base in (root, root.parent) if (base / rel).is_file()), None)
+            if path is None:
+                summary.skip("missing image", rel)
+                continue
+            if split is None:  # a train.csv row: its patient's split (no test split beside valid.csv)
+                split = splits[entry["patient"]]
+                split = SPLITS[1] if split == SPLITS[2] and valid_file is not None else split
+            try:  # CheXpert's own layout: the path under root, without the folder's name
+                image = str(path.resolve().relative_to(root.resolve()))
+            except ValueError:
+                image = os.path.relpath(path, root)
+            yield split, {Keys.IMAGE: image, **entry}
+
+    return _datalist(entries(), summary), summary
+
+
 # ------------------------------------------------------------------------------------------ IU X-ray
 def iter_iu_xray_xml(source: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
     """``(name, xml bytes)`` of every report in a folder of ``*.xml`` (searched recursively) or a ``.tgz``."""
@@ -501,5 +577,6 @@ BUILDERS = {
     "ms-cxr": build_ms_cxr,
     "siim": build_siim,
     "rsna": build_rsna,
+    "chexpert": build_chexpert,
     "iu-xray": build_iu_xray,
 }

@@ -2,6 +2,7 @@
 ``SupervisedEvaluator``): batch preparation, the loss adapter, handlers (including the grounding writer and per-category report),
 resumable runs that check their settings, and preparation helpers."""
 
+from monai_elvis.engines.classification import ProbabilityWriter
 from monai_elvis.engines.evaluation import (
     LEARNING_FIGURES,
     ChanceLevelHandler,
@@ -39,4 +40,5 @@ __all__ = [
     "ChanceLevelHandler", "ItemValuesWriter", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",
     "LEARNING_FIGURES",
     "ResumeSettingsError", "SETTINGS_FILE", "describe_settings", "settings_differences",
+    "ProbabilityWriter",
 ]  # fmt: skip

@@ -1,5 +1,7 @@
-"""Pre-training objectives: global contrast, local alignment (one_hot | spatial | intra_modal, LoVT), GLoRIA, ElvisLoss."""
+"""Pre-training objectives: global contrast, local alignment (one_hot | spatial | intra_modal, LoVT), GLoRIA, ElvisLoss;
+multi-label BCE for classification transfer."""
 
+from monai_elvis.losses.classification import MultiLabelBCEWithLogitsLoss
 from monai_elvis.losses.elvis_loss import ElvisLoss
 from monai_elvis.losses.global_contrastive import GlobalContrastiveLoss
 from monai_elvis.losses.gloria import GloriaForm, GloriaLocalLoss, WordUnit, gloria_pair_similarity
@@ -27,4 +29,5 @@ __all__ = [
     "UnitWeights",
     "intra_modal_target",
     "spatial_target",
+    "MultiLabelBCEWithLogitsLoss",
 ]

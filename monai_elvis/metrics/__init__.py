@@ -1,6 +1,7 @@
 """Metrics: retrieval recall@K and class-aware precision@K, locality preservation, phrase grounding (CNR, pointing
-game, side of the peak, IoU, mIoU), zero-shot classification and phrase sensitivity."""
+game, side of the peak, IoU, mIoU), zero-shot classification and phrase sensitivity, multi-label AUROC."""
 
+from monai_elvis.metrics.classification import MultiLabelROCAUCMetric
 from monai_elvis.metrics.grounding import (
     MIOU_THRESHOLDS,
     GroundingMetric,
@@ -34,4 +35,5 @@ __all__ = [
     "zero_shot_auc", "zero_shot_scores",
     "LocalityPreservationMetric", "locality_preservation",
     "RetrievalRecallMetric", "retrieval_ranks", "retrieval_recall",
+    "MultiLabelROCAUCMetric",
 ]  # fmt: skip

@@ -1,5 +1,7 @@
-"""Networks of monai-elvis: encoders, projection heads, cross-modal attention and :class:`ElvisNet`, and the segmentation :class:`ElvisUNet`."""
+"""Networks of monai-elvis: encoders, projection heads, cross-modal attention and :class:`ElvisNet`, the segmentation
+:class:`ElvisUNet` and the classification :class:`ElvisClassifier`."""
 
+from monai_elvis.networks.classification import ElvisClassifier
 from monai_elvis.networks.elvis_net import ElvisNet
 from monai_elvis.networks.heads import AttentionPooling, CrossModalAttention, ProjectionHead
 from monai_elvis.networks.image_encoder import RESNET_ARCHS, CXRImageEncoder
@@ -18,4 +20,5 @@ __all__ = [
     "AttentionPooling",
     "ElvisNet",
     "ElvisUNet",
+    "ElvisClassifier",
 ]

@@ -4,6 +4,9 @@ from monai_elvis.transforms.io import LABEL_COLOURS, CXRLoadError, LoadCXR, Load
 from monai_elvis.transforms.labels import (
     ClassNamesToMultiHot,
     ClassNamesToMultiHotd,
+    LabelsFromKeysd,
+    UncertainLabels,
+    UncertainLabelsd,
     BoxesToMask,
     BoxesToMaskd,
     LoadLabelMap,
@@ -35,7 +38,7 @@ from monai_elvis.transforms.report import (
 
 __all__ = [
     "CXRLoadError", "LoadCXR", "LoadCXRd", "LABEL_COLOURS", "PaletteLabelWriter",
-    "ClassNamesToMultiHot", "ClassNamesToMultiHotd",
+    "ClassNamesToMultiHot", "ClassNamesToMultiHotd", "LabelsFromKeysd", "UncertainLabels", "UncertainLabelsd",
     "BoxesToMask", "BoxesToMaskd", "LoadLabelMap", "LoadLabelMapd", "MaskToBoxes", "MaskToBoxesd", "RLEToMask", "RLEToMaskd",
     "cxr_augmentation", "cxr_spatial_intensity",
     "ExtractReportSections", "ExtractReportSectionsd", "RandDropSentences", "RandDropSentencesd",

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from monai_elvis.keys import Keys
 
-__all__ = ["ClassNamesToMultiHot", "ClassNamesToMultiHotd", "LoadLabelMap", "LoadLabelMapd", "RLEToMask", "RLEToMaskd", "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd"]
+__all__ = ["ClassNamesToMultiHot", "ClassNamesToMultiHotd", "UncertainLabels", "UncertainLabelsd", "LabelsFromKeysd", "LoadLabelMap", "LoadLabelMapd", "RLEToMask", "RLEToMaskd", "BoxesToMask", "BoxesToMaskd", "MaskToBoxes", "MaskToBoxesd"]
 
 
 def _round_half_up(v: float) -> int:
@@ -308,4 +308,76 @@ class ClassNamesToMultiHotd(MapTransform):
                 d[out] = self.converter(d[key])
             except ValueError as e:
                 raise ValueError(f"{key}: {e}") from None
+        return d
+
+
+class UncertainLabels(Transform):
+    """Map the uncertain value of a multi-label vector (CheXpert's ``-1``) by a policy, as a float tensor ``[K]``.
+
+    Args:
+        policy: ``"ones"`` (uncertain counts as positive, CheXpert's U-Ones), ``"zeros"`` (negative, U-Zeros) or
+            ``"ignore"`` (kept as ``ignore_value``: the loss and the AUROC leave that entry out, see
+            :class:`~monai_elvis.losses.MultiLabelBCEWithLogitsLoss` and
+            :class:`~monai_elvis.metrics.MultiLabelROCAUCMetric`).
+        uncertain_value: the value that marks an uncertain label in the input.
+        ignore_value: what ``"ignore"`` writes.
+
+    Values other than 0, 1 and ``uncertain_value`` raise ``ValueError``.
+    """
+
+    POLICIES = ("ones", "zeros", "ignore")
+
+    def __init__(self, policy: str = "ones", uncertain_value: float = -1.0, ignore_value: float = -1.0) -> None:
+        if policy not in self.POLICIES:
+            raise ValueError(f"the uncertain-label policy must be one of {list(self.POLICIES)}, got {policy!r}.")
+        self.policy, self.uncertain_value, self.ignore_value = policy, float(uncertain_value), float(ignore_value)
+
+    def __call__(self, label: Any) -> torch.Tensor:
+        out = torch.as_tensor(np.asarray(label, dtype=np.float32)).flatten()
+        uncertain = out == self.uncertain_value
+        bad = ~(uncertain | (out == 0) | (out == 1))
+        if bad.any():
+            raise ValueError(f"labels must be 0, 1 or {self.uncertain_value:g} (uncertain), got {out.tolist()}.")
+        fill = {"ones": 1.0, "zeros": 0.0, "ignore": self.ignore_value}[self.policy]
+        return torch.where(uncertain, torch.full_like(out, fill), out)
+
+
+class UncertainLabelsd(MapTransform):
+    """Dictionary form of :class:`UncertainLabels`."""
+
+    def __init__(self, keys: KeysCollection = Keys.LABEL, policy: str = "ones", uncertain_value: float = -1.0,
+                 ignore_value: float = -1.0, allow_missing_keys: bool = False) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.mapper = UncertainLabels(policy, uncertain_value, ignore_value)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                d[key] = self.mapper(d[key])
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+        return d
+
+
+class LabelsFromKeysd(MapTransform):
+    """Gather scalar labels held under several keys (e.g. RSNA's ``pneumonia`` 0/1) into one float tensor ``[K]``
+    under ``output_key``, in the order of ``keys``.
+
+    Raises ``ValueError`` naming the key when a value is not a number.
+    """
+
+    def __init__(self, keys: KeysCollection, output_key: str = Keys.LABEL, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        values = []
+        for key in self.key_iterator(d):
+            try:
+                values.append(float(d[key]))
+            except (TypeError, ValueError):
+                raise ValueError(f"{key}: a label must be a number, got {d[key]!r}.") from None
+        d[self.output_key] = torch.tensor(values, dtype=torch.float32)
         return d
