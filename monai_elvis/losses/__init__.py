@@ -1,5 +1,6 @@
 """Pre-training objectives: global contrast, local alignment (one_hot | spatial | intra_modal, LoVT), GLoRIA, ElvisLoss."""
 
+from monai_elvis.losses.distributed import distributed_world, gather_across_ranks
 from monai_elvis.losses.elvis_loss import ElvisLoss
 from monai_elvis.losses.global_contrastive import GlobalContrastiveLoss
 from monai_elvis.losses.gloria import GloriaForm, GloriaLocalLoss, WordUnit, gloria_pair_similarity
@@ -14,6 +15,8 @@ from monai_elvis.losses.local_alignment import (
 )
 
 __all__ = [
+    "distributed_world",
+    "gather_across_ranks",
     "ElvisLoss",
     "GlobalContrastiveLoss",
     "GloriaForm",
