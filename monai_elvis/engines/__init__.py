@@ -1,7 +1,9 @@
 """Pieces that run ELVIS pre-training on MONAI's ignite engines (``monai.engines.SupervisedTrainer`` and
 ``SupervisedEvaluator``): batch preparation, the loss adapter, handlers (including the grounding writer and per-category report),
-resumable runs that check their settings, and preparation helpers."""
+resumable runs that check their settings and resume mid-epoch, the loss parameters' synchronisation of a
+distributed run, and preparation helpers."""
 
+from monai_elvis.engines.distributed import LossParametersSyncHandler, average_gradients, broadcast_parameters
 from monai_elvis.engines.evaluation import (
     LEARNING_FIGURES,
     ChanceLevelHandler,
@@ -13,6 +15,8 @@ from monai_elvis.engines.evaluation import (
 from monai_elvis.engines.grounding import GroundingReportHandler, GroundingWriter, heat_colormap, phrase_slug
 from monai_elvis.engines.resume import (
     SETTINGS_FILE,
+    DataPosition,
+    ResumableSampler,
     ResumeSettingsError,
     attach_resume,
     describe_settings,
@@ -38,4 +42,5 @@ __all__ = [
     "ChanceLevelHandler", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",
     "LEARNING_FIGURES",
     "ResumeSettingsError", "SETTINGS_FILE", "describe_settings", "settings_differences",
+    "DataPosition", "ResumableSampler", "LossParametersSyncHandler", "average_gradients", "broadcast_parameters",
 ]  # fmt: skip
