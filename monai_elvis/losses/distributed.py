@@ -16,6 +16,8 @@ over the rank's rows.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -58,9 +60,11 @@ def gather_across_ranks(x: torch.Tensor, pad_value: float | bool = 0) -> tuple[t
     transport = x.to(torch.uint8) if x.dtype == torch.bool else x
     padded = _pad_to(transport, largest, pad_value).contiguous()
     if x.requires_grad:
-        from torch.distributed.nn.functional import all_gather
+        import torch.distributed.nn.functional as dist_fn
 
-        pieces = list(all_gather(padded))
+        with warnings.catch_warnings():  # torch 2.13 marks it deprecated for a private successor; it still works
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+            pieces = list(dist_fn.all_gather(padded))
     else:
         pieces = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(pieces, padded)
