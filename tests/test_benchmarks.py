@@ -101,3 +101,12 @@ def test_train_step_benchmark_records(capsys):
     assert all(p > 0 for p in parts)
     assert rec["step_ms"] == pytest.approx(sum(parts), abs=0.5)
     assert rec["loss_share"] == pytest.approx(rec["loss_ms"] / rec["step_ms"], abs=1e-3)
+    assert rec["world_size"] == 1 and rec["gather_ms"] == 0 and rec["gather_share"] == 0
+
+
+def test_train_step_benchmark_times_the_all_gather_of_two_processes(capsys):
+    main(["train-step", "--json", "--world-size", "2", "--steps", "1", "--batch", "4"])
+    (rec,) = json.loads(capsys.readouterr().out)
+    assert rec["scale"] == "tiny" and rec["world_size"] == 2 and rec["batch"] == 4
+    assert 0 < rec["gather_ms"] < rec["loss_ms"] + rec["backward_ms"]
+    assert rec["gather_share"] == pytest.approx(rec["gather_ms"] / rec["step_ms"], abs=1e-3)

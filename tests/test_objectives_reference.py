@@ -40,7 +40,8 @@ def _objective(name: str) -> ElvisLoss:
     from monai.bundle import ConfigParser
 
     overlay = json.loads((ROOT / "configs" / "objective" / f"{name}.json").read_text())
-    return ConfigParser({"objective": overlay["objective"]}).get_parsed_content("objective")
+    config = {"imports": ["$import monai_elvis.bundle"], "gather_negatives": True, "objective": overlay["objective"]}
+    return ConfigParser(config).get_parsed_content("objective")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -77,15 +77,21 @@ def _transforms(args: argparse.Namespace) -> None:
 def _train_step(args: argparse.Namespace) -> None:
     from monai_elvis.benchmarks.train_step import run_train_step_benchmark
 
+    scales = args.scale or (["tiny", "paper"] if args.world_size <= 1 else ["tiny"])
     records = run_train_step_benchmark(
-        scales=tuple(args.scale), steps=args.steps, batch=args.batch,
+        scales=tuple(scales), steps=args.steps, batch=args.batch, world_size=args.world_size,
         progress=None if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)),
     )  # fmt: skip
     if args.json:
         print(json.dumps(records, indent=1))
     else:
-        cols = ["scale", "batch", "image_size", "data_ms", "forward_ms", "loss_ms", "backward_ms", "step_ms", "loss_share"]
+        cols = ["scale", "world_size", "batch", "image_size", "data_ms", "forward_ms", "loss_ms", "backward_ms",
+                "step_ms", "loss_share", "gather_ms", "gather_share"]  # fmt: skip
         print(_table(records, cols))
+        if args.world_size > 1:
+            print(f"\nrank 0 of {args.world_size} CPU processes (gloo, one thread each, DDP), batch per process; "
+                  "gather_ms: inside the all-gathers of the global features (forward and backward), part of loss_ms "
+                  "and backward_ms.")  # fmt: skip
 
 
 def _phantom_probe(args: argparse.Namespace) -> None:
@@ -140,11 +146,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="wall: elapsed time; cpu: the process's CPU time (steadier on a shared machine)")
     p.add_argument("--tokenizer", help="tokenizer folder or name (default: one trained on the IU X-ray reports)")
     p.set_defaults(func=_transforms)
-    p = sub.add_parser("train-step", help="per-step time breakdown of pre-training at the tiny and paper scales")
+    p = sub.add_parser("train-step", help="per-step time breakdown of pre-training at the tiny and paper scales, "
+                       "in one process or several (--world-size, with the all-gathers' share)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--scale", nargs="+", default=["tiny", "paper"], choices=["tiny", "paper"])
+    p.add_argument("--scale", nargs="+", choices=["tiny", "paper"],
+                   help="default: tiny and paper in one process, tiny with --world-size > 1")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, help="override the scale's batch size")
+    p.add_argument("--batch", type=int, help="override the scale's batch size (per process)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="CPU processes of a data-parallel run (gloo); > 1 also times the all-gathers")
     p.set_defaults(func=_train_step)
     p = sub.add_parser("phantom-probe", help="per-kind test AUC and side accuracy of a supervised probe on the phantom")
     p.add_argument("--json", action="store_true", help="print one record per kind: kind, auc, side_accuracy")

@@ -1,8 +1,10 @@
 """Pieces that run ELVIS pre-training on MONAI's ignite engines (``monai.engines.SupervisedTrainer`` and
 ``SupervisedEvaluator``): batch preparation, the loss adapter, handlers (including the grounding writer and per-category report),
-resumable runs that check their settings, and preparation helpers."""
+resumable runs that check their settings and resume mid-epoch, the loss parameters' synchronisation of a
+distributed run, and preparation helpers."""
 
 from monai_elvis.engines.classification import ProbabilityWriter
+from monai_elvis.engines.distributed import LossParametersSyncHandler, average_gradients, broadcast_parameters
 from monai_elvis.engines.evaluation import (
     LEARNING_FIGURES,
     ChanceLevelHandler,
@@ -15,6 +17,8 @@ from monai_elvis.engines.evaluation import (
 from monai_elvis.engines.grounding import GroundingReportHandler, GroundingWriter, heat_colormap, phrase_slug
 from monai_elvis.engines.resume import (
     SETTINGS_FILE,
+    DataPosition,
+    ResumableSampler,
     ResumeSettingsError,
     attach_resume,
     describe_settings,
@@ -41,4 +45,5 @@ __all__ = [
     "LEARNING_FIGURES",
     "ResumeSettingsError", "SETTINGS_FILE", "describe_settings", "settings_differences",
     "ProbabilityWriter",
+    "DataPosition", "ResumableSampler", "LossParametersSyncHandler", "average_gradients", "broadcast_parameters",
 ]  # fmt: skip

@@ -1,9 +1,15 @@
 """Resumable training runs that refuse to resume a checkpoint made with other settings.
 
-:func:`attach_resume` keeps the last epoch's full state in a checkpoint folder, and beside it the settings that
-define the run (``run_settings.json``: objective, architecture, data, optimisation). A later run in the same folder
-resumes only when its settings are the same; otherwise it stops with a :class:`ResumeSettingsError` that lists
-the differences and the ways out, instead of "resuming" a finished run of another objective and exiting at once.
+:func:`attach_resume` keeps the run's full state in a checkpoint folder, written at the end of every epoch and,
+when asked, every N iterations, and beside it the settings that define the run (``run_settings.json``: objective,
+architecture, data, optimisation). A later run in the same folder resumes only when its settings are the same;
+otherwise it stops with a :class:`ResumeSettingsError` that lists the differences and the ways out, instead of
+"resuming" a finished run of another objective and exiting at once.
+
+A checkpoint taken in the middle of an epoch is resumed in the middle of that epoch: the trainer continues at the
+next iteration, and a :class:`ResumableSampler` (epoch-seeded order, in one process or on each rank of a
+distributed run) continues its pass over the data after the batches already trained on, so that no finished step
+is replayed and the batches that follow are those an uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from monai.data import DistributedSampler
+
 from monai_elvis.errors import UsageError
 
 __all__ = ["attach_resume", "latest_checkpoint", "describe_settings", "settings_differences", "ResumeSettingsError",
-           "SETTINGS_FILE"]  # fmt: skip
+           "SETTINGS_FILE", "ResumableSampler", "DataPosition"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 SETTINGS_FILE = "run_settings.json"
@@ -31,6 +39,98 @@ _LONG = 64
 
 class ResumeSettingsError(UsageError, ValueError):
     """A checkpoint folder holds a run made with other settings than the ones given now."""
+
+
+class ResumableSampler(DistributedSampler):
+    """MONAI's ``DistributedSampler`` (an order shuffled from ``seed + epoch``, this rank's share of it) that can
+    start its next pass part-way, for a run resumed in the middle of an epoch.
+
+    Without ``num_replicas`` / ``rank`` it takes them from the default process group, or, without one, serves
+    one process (``num_replicas=1``): the same class then runs single-process and distributed training. MONAI's
+    trainers call ``set_epoch`` at the start of every epoch, so the order depends only on ``seed`` and the epoch.
+
+    Args:
+        dataset, even_divisible, num_replicas, rank, shuffle: as ``monai.data.DistributedSampler``.
+        seed: of the shuffle (the same on every rank).
+        kwargs: more arguments of ``torch.utils.data.DistributedSampler`` (``drop_last``).
+    """
+
+    def __init__(self, dataset, even_divisible: bool = True, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, seed: int = 0, **kwargs) -> None:  # fmt: skip
+        from monai_elvis.losses.distributed import distributed_world
+
+        world_rank, world_size = distributed_world()
+        num_replicas = world_size if num_replicas is None else num_replicas
+        rank = world_rank if rank is None else rank
+        super().__init__(dataset, even_divisible, num_replicas, rank, shuffle, seed=seed, **kwargs)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Make the next pass the one of ``epoch`` (whatever ``set_epoch`` says by then), without its first
+        ``start`` indices; the passes after it are whole again."""
+        self._resume = (int(epoch), int(start))
+
+    def __iter__(self):
+        if self._resume is None:
+            return super().__iter__()
+        (epoch, start), self._resume = self._resume, None
+        current, self.epoch = self.epoch, epoch
+        try:
+            indices = list(super().__iter__())
+        finally:
+            self.epoch = current
+        return iter(indices[start:])
+
+
+class DataPosition:
+    """Where a trainer is in its data: the sampler's epoch for the pass over the data loader under way, and the
+    batches taken from that pass. Saved in the checkpoints of :func:`attach_resume` (``data_position``) and, on
+    resume, handed to a :class:`ResumableSampler` so that the pass continues where it was.
+
+    Passes and epochs are counted apart because ignite keeps one pass over the loader across epochs when
+    ``epoch_length`` is shorter than the loader.
+    """
+
+    def __init__(self, loader=None) -> None:
+        self.loader = loader
+        self.pass_epoch = -1
+        self.batches = 0
+
+    @property
+    def sampler(self):
+        return getattr(self.loader, "sampler", None)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._took)
+        engine.add_event_handler(Events.DATALOADER_STOP_ITERATION, self._new_pass)
+
+    def _took(self, _engine) -> None:
+        if self.batches == 0:  # the first batch of a pass: the sampler's epoch made its order
+            self.pass_epoch = int(getattr(self.sampler, "epoch", -1))
+        self.batches += 1
+
+    def _new_pass(self, _engine) -> None:
+        self.batches = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"pass_epoch": self.pass_epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore the position and position the sampler (the next pass continues after ``batches`` batches)."""
+        self.pass_epoch, self.batches = int(state["pass_epoch"]), int(state["batches"])
+        if self.batches == 0:
+            return
+        batch_size = getattr(self.loader, "batch_size", None)
+        if not callable(getattr(self.sampler, "resume_at", None)) or not batch_size:
+            logger.warning("the checkpoint was taken after %d batches of a pass over the data, but the data loader's "
+                           "sampler (%s) cannot start part-way: this pass restarts from its beginning. Use "
+                           "monai_elvis.engines.ResumableSampler to continue where it was.", self.batches,
+                           type(self.sampler).__name__)  # fmt: skip
+            self.batches = 0
+            return
+        self.sampler.resume_at(self.pass_epoch, self.batches * batch_size)
 
 
 def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
@@ -133,10 +233,11 @@ def _write_json(path: Path, value: Any) -> None:
 
 def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, Any], prefix: str = "",
                   every: int = 1, save: bool = True, settings: Mapping[str, Any] | None = None,
-                  resume: bool = True) -> str | None:  # fmt: skip
-    """Make ``trainer`` resumable: save ``objects`` plus the trainer's own state every ``every`` epochs into
-    ``ckpt_dir`` (one file kept, written atomically by ignite), and, when such a checkpoint exists already,
-    load it when the run starts so that training continues after the last completed epoch.
+                  resume: bool = True, every_iterations: int = 0) -> str | None:  # fmt: skip
+    """Make ``trainer`` resumable: save ``objects``, the trainer's own state and its position in the data every
+    ``every`` epochs and every ``every_iterations`` iterations into ``ckpt_dir`` (one file kept,
+    ``{prefix}checkpoint_iteration=<n>.pt``, written atomically by ignite), and, when such a checkpoint exists
+    already, load it when the run starts so that training continues after the last saved iteration.
 
     Args:
         trainer: an ignite engine (a MONAI ``SupervisedTrainer``).
@@ -152,19 +253,37 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
             Leave out what may change between the two parts of a run (``max_epochs``, to extend it; the device).
         resume: ``False`` deletes the folder's checkpoints and settings and starts over (``--resume false``; the
             strings ``"false"``/``"true"`` of the command line are read as such).
+        every_iterations: also save every ``every_iterations`` iterations (``0``: epoch ends only), so that a
+            killed run loses at most that many. With gradient accumulation the save waits for the iteration that
+            steps the optimizer. Resuming such a checkpoint continues the epoch where it was: the trainer at the
+            next iteration, and the data after the batches already trained on when the trainer's data loader
+            samples with a :class:`ResumableSampler` (otherwise that pass over the data restarts, with a warning).
 
     Returns the checkpoint it resumes from, or ``None``. Kept out of the handler list of the bundle config
     because the trainer cannot reference itself there.
+
+    What a resumed run does not restore: random streams outside the saved objects (data augmentation, dropout)
+    continue from the run's seed, not from where the killed run was.
     """
+    import torch
     from ignite.engine import Events
-    from monai.handlers import CheckpointLoader, CheckpointSaver
+    from ignite.handlers import Checkpoint, DiskSaver
 
     from monai_elvis.bundle import parse_flag
+    from monai_elvis.engines.vlp import GradientClipHandler
 
     resume = parse_flag(resume, "resume")  # the command line's --resume false is the string "false"
     ckpt_dir = Path(ckpt_dir)
     settings_file = ckpt_dir / f"{prefix}{SETTINGS_FILE}"
     current = json.loads(json.dumps(describe_settings(settings))) if settings is not None else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank calls this: let ignite learn the process group now, collectively, and keep it (its checkpoint
+        # asks for the rank on rank 0 alone, which would otherwise start a collective the other ranks never join)
+        from ignite import distributed as idist
+
+        idist.sync()
+    position = DataPosition(getattr(trainer, "data_loader", None))
+    position.attach(trainer)
     state = {**objects, "trainer": trainer}
     latest = latest_checkpoint(ckpt_dir, f"{prefix}checkpoint")
     if latest is not None and not resume:
@@ -185,7 +304,19 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
             raise _refusal(latest, settings_file, f"it was made with other settings:\n{listed}")
     if latest is not None:
         logger.info("resuming from %s", latest)
-        CheckpointLoader(load_path=latest, load_dict=state, map_location=trainer.state.device).attach(trainer)
+
+        @trainer.on(Events.STARTED)
+        def _load(engine) -> None:
+            checkpoint = torch.load(latest, map_location=engine.state.device, weights_only=True)
+            max_epochs = engine.state.max_epochs  # this run's, which may extend the checkpoint's
+            Checkpoint.load_objects(to_load=state, checkpoint=checkpoint)
+            if max_epochs is not None and engine.state.epoch > max_epochs:
+                raise ValueError(f"{latest} is at epoch {engine.state.epoch}, past this run's max_epochs "
+                                 f"{max_epochs}: raise --max_epochs to train on from it.")  # fmt: skip
+            engine.state.max_epochs = max_epochs
+            if "data_position" in checkpoint:  # checkpoints of earlier versions: epoch ends, no position
+                position.load_state_dict(checkpoint["data_position"])
+            logger.info("resumed at iteration %d (epoch %d)", engine.state.iteration, engine.state.epoch)
 
         @trainer.on(Events.STARTED)
         def _say_when_finished(engine) -> None:  # runs after the loader: the restored epoch is known
@@ -197,14 +328,29 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
     if save:
         if current is not None:
             _write_json(settings_file, current)
-        CheckpointSaver(save_dir=str(ckpt_dir), save_dict=state, file_prefix=prefix, save_interval=every, n_saved=1,
-                        epoch_level=True).attach(trainer)  # fmt: skip
+        saver = Checkpoint({**state, "data_position": position},
+                           DiskSaver(str(ckpt_dir), require_empty=False, atomic=True), filename_prefix=prefix,
+                           score_function=lambda engine: engine.state.iteration, score_name="iteration",
+                           n_saved=1)  # fmt: skip
 
-        @trainer.on(Events.EPOCH_COMPLETED(every=every))
-        def _drop_older(_engine) -> None:  # also those left by the run that was resumed
+        def _save(engine) -> None:
+            saver(engine)  # a second call at the same iteration (an epoch's end) writes nothing
             keep = latest_checkpoint(ckpt_dir, f"{prefix}checkpoint")
-            for p in ckpt_dir.glob(f"{prefix}checkpoint*.pt"):
+            for p in ckpt_dir.glob(f"{prefix}checkpoint*.pt"):  # also those left by the run that was resumed
                 if str(p) != keep and _CKPT.search(p.name):
                     p.unlink(missing_ok=True)
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=every), _save)
+        every_iterations = int(every_iterations or 0)
+        if every_iterations > 0:
+            due = {"now": False}
+
+            @trainer.on(Events.ITERATION_COMPLETED)
+            def _save_every_iterations(engine) -> None:
+                if engine.state.iteration % every_iterations == 0:
+                    due["now"] = True
+                if due["now"] and GradientClipHandler.steps_now(engine):  # never inside an accumulation window
+                    due["now"] = False
+                    _save(engine)
 
     return latest

@@ -2,6 +2,7 @@
 multi-label BCE for classification transfer."""
 
 from monai_elvis.losses.classification import MultiLabelBCEWithLogitsLoss
+from monai_elvis.losses.distributed import distributed_world, gather_across_ranks
 from monai_elvis.losses.elvis_loss import ElvisLoss
 from monai_elvis.losses.global_contrastive import GlobalContrastiveLoss
 from monai_elvis.losses.gloria import GloriaForm, GloriaLocalLoss, WordUnit, gloria_pair_similarity
@@ -16,6 +17,8 @@ from monai_elvis.losses.local_alignment import (
 )
 
 __all__ = [
+    "distributed_world",
+    "gather_across_ranks",
     "ElvisLoss",
     "GlobalContrastiveLoss",
     "GloriaForm",

@@ -39,6 +39,9 @@ class ElvisLoss(nn.Module):
         local_loss: a :class:`LocalAlignmentLoss`, a :class:`GloriaLocalLoss` or ``None``.
         global_weight: weight of the global term; 0 skips it.
         local_weight: weight of the local term; 0 skips it.
+        gather: when given, sets ``gather`` of the global loss and of a :class:`GloriaLocalLoss`: under
+            ``torch.distributed``, contrast against the features of every rank (``True``, their default) or of
+            the rank's own batch only. A :class:`LocalAlignmentLoss` works within each sample and gathers nothing.
 
     ``forward(outputs)`` takes the dict keyed by :class:`~monai_elvis.keys.OutKeys` and returns a dict of
     scalars: ``global``, ``local`` (with the unweighted terms of :meth:`LocalAlignmentLoss.losses` prefixed by
@@ -52,6 +55,7 @@ class ElvisLoss(nn.Module):
         local_loss: LocalAlignmentLoss | GloriaLocalLoss | None = None,
         global_weight: float = 1.0,
         local_weight: float = 1.0,
+        gather: bool | None = None,
     ) -> None:
         super().__init__()
         self.global_loss = global_loss if global_loss is not None else GlobalContrastiveLoss()
@@ -60,6 +64,11 @@ class ElvisLoss(nn.Module):
         self.local_loss = local_loss
         self.global_weight = global_weight
         self.local_weight = local_weight
+        self.gather = gather
+        if gather is not None:
+            for loss in (self.global_loss, self.local_loss):
+                if hasattr(loss, "gather"):
+                    loss.gather = bool(gather)
         if global_weight == 0 and (local_loss is None or local_weight == 0):
             raise ValueError("ElvisLoss has no term: set global_weight or give a local_loss with local_weight > 0.")
 

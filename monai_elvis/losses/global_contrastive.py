@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
+from monai_elvis.losses.distributed import distributed_world, gather_across_ranks
 from monai_elvis.utils import l2_normalize, check_batch, check_ndim
 
 __all__ = ["GlobalContrastiveLoss"]
@@ -34,6 +35,15 @@ class GlobalContrastiveLoss(_Loss):
         image_to_text_weight: weight of the image -> report direction.
         text_to_image_weight: weight of the report -> image direction.
         max_logit_scale: upper bound of ``1 / temperature`` when learnable (the initial value is clamped too).
+        gather: under ``torch.distributed`` with more than one rank, contrast against the features of every rank
+            (gathered with their gradient, :mod:`monai_elvis.losses.distributed`): each rank scores its own images
+            against every report and its own reports against every image, and returns its share of the loss of
+            the whole batch, so that the mean over the ranks (and, with DDP's gradient averaging, every gradient)
+            equals the one-process loss on the concatenated batch. ``False``: each rank contrasts its own batch
+            only. No effect in one process.
+
+    A learnable temperature is a parameter of this loss, not of the network: under DDP its gradient is averaged
+    over the ranks by :class:`~monai_elvis.engines.LossParametersSyncHandler`, which the bundles attach.
 
     Shapes: ``image [B, d]``, ``text [B, d]`` -> scalar. Computed in float32 (float64 stays float64), also under
     autocast.
@@ -46,6 +56,7 @@ class GlobalContrastiveLoss(_Loss):
         image_to_text_weight: float = 0.5,
         text_to_image_weight: float = 0.5,
         max_logit_scale: float = 100.0,
+        gather: bool = True,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -55,6 +66,7 @@ class GlobalContrastiveLoss(_Loss):
         self.image_to_text_weight = image_to_text_weight
         self.text_to_image_weight = text_to_image_weight
         self.max_logit_scale = max_logit_scale
+        self.gather = gather
         if max_logit_scale <= 0:
             raise ValueError(f"max_logit_scale must be positive, got {max_logit_scale}.")
         self.learnable_temperature = learnable_temperature
@@ -89,7 +101,16 @@ class GlobalContrastiveLoss(_Loss):
         with torch.autocast(device_type=image.device.type, enabled=False):
             v = l2_normalize(image.to(dtype), dim=-1)
             t = l2_normalize(text.to(dtype), dim=-1)
-            logits = v @ t.T * self.logit_scale()
-            target = torch.arange(b, device=image.device)
-            loss = self.image_to_text_weight * F.cross_entropy(logits, target)
-            return loss + self.text_to_image_weight * F.cross_entropy(logits.T, target)
+            _, world = distributed_world()
+            if not (self.gather and world > 1):
+                logits = v @ t.T * self.logit_scale()
+                target = torch.arange(b, device=image.device)
+                loss = self.image_to_text_weight * F.cross_entropy(logits, target)
+                return loss + self.text_to_image_weight * F.cross_entropy(logits.T, target)
+            both, offset = gather_across_ranks(torch.cat([v, t], dim=1))  # one collective for both modalities
+            v_all, t_all = both.split(v.shape[1], dim=1)
+            scale = self.logit_scale()
+            target = torch.arange(offset, offset + b, device=image.device)
+            loss = self.image_to_text_weight * F.cross_entropy(v @ t_all.T * scale, target)
+            loss = loss + self.text_to_image_weight * F.cross_entropy(t @ v_all.T * scale, target)
+            return loss * (world * b / both.shape[0])  # this rank's share: the ranks' mean is the whole batch's

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from monai.utils import StrEnum
 from torch.nn.modules.loss import _Loss
 
+from monai_elvis.losses.distributed import distributed_world, gather_across_ranks
 from monai_elvis.utils import check_batch, check_mask, check_ndim, check_option, plain_tensor, zero_padding
 
 __all__ = ["GloriaForm", "WordUnit", "GloriaLocalLoss", "gloria_pair_similarity"]
@@ -235,6 +236,11 @@ class GloriaLocalLoss(_Loss):
         form: ``"paper"`` or ``"code"`` (:class:`GloriaForm`).
         word_units: ``"token"`` or ``"whole_word"`` (:class:`WordUnit`): which features
             :class:`~monai_elvis.losses.ElvisLoss` passes as words. ``forward`` itself takes any words.
+        gather: under ``torch.distributed`` with more than one rank, score every image-report pair of the whole
+            batch (words, word masks and regions gathered from every rank, with their gradient): each rank scores
+            its own images against every report and its own reports against every image, and returns its share of
+            the whole batch's loss, as :class:`~monai_elvis.losses.GlobalContrastiveLoss` does. ``False``: each
+            rank's own batch only. No effect in one process.
 
     Shapes: ``words [B, T, d]``, ``regions [B, N, d]``, ``word_mask [B, T]`` (True = real word; optional) -> scalar.
     Computed in float32 (float64 stays float64), also under autocast.
@@ -249,8 +255,10 @@ class GloriaLocalLoss(_Loss):
         text_to_image_weight: float | None = None,
         form: GloriaForm | str = GloriaForm.PAPER,
         word_units: WordUnit | str = WordUnit.TOKEN,
+        gather: bool = True,
     ) -> None:
         super().__init__()
+        self.gather = gather
         for name, value in (("attention_scale", attention_scale), ("word_scale", word_scale),
                             ("similarity_scale", similarity_scale)):  # fmt: skip
             if value <= 0:
@@ -279,7 +287,20 @@ class GloriaLocalLoss(_Loss):
         with torch.autocast(device_type=words.device.type, enabled=False):
             w = zero_padding(plain_tensor(words).to(dtype), mask)
             regions = plain_tensor(regions).to(dtype)
-            logits = self.similarity(w, regions, mask) * self.similarity_scale  # [B_image, B_text]
-            target = torch.arange(b, device=words.device)
-            loss = self.image_to_text_weight * F.cross_entropy(logits, target)
-            return loss + self.text_to_image_weight * F.cross_entropy(logits.T, target)
+            _, world = distributed_world()
+            if not (self.gather and world > 1):
+                logits = self.similarity(w, regions, mask) * self.similarity_scale  # [B_image, B_text]
+                target = torch.arange(b, device=words.device)
+                loss = self.image_to_text_weight * F.cross_entropy(logits, target)
+                return loss + self.text_to_image_weight * F.cross_entropy(logits.T, target)
+            if mask is None:
+                mask = torch.ones(w.shape[:2], dtype=torch.bool, device=w.device)
+            w_all, offset = gather_across_ranks(w)  # reports of other lengths: padded words, masked out
+            mask_all, _ = gather_across_ranks(mask, pad_value=False)
+            regions_all, _ = gather_across_ranks(regions)
+            target = torch.arange(offset, offset + b, device=words.device)
+            image_rows = self.similarity(w_all, regions, mask_all) * self.similarity_scale  # [b, B]: own images
+            text_rows = self.similarity(w, regions_all, mask).T * self.similarity_scale  # [b, B]: own reports
+            loss = self.image_to_text_weight * F.cross_entropy(image_rows, target)
+            loss = loss + self.text_to_image_weight * F.cross_entropy(text_rows, target)
+            return loss * (world * b / w_all.shape[0])  # this rank's share: the ranks' mean is the whole batch's
