@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(datalist, indent=1))
     tmp.replace(out)
+    print(summary)
     if args.dataset == "iu-xray" and not args.images:
         print("no --images: one entry per report, without images (report, report_id, image_ids); enough to train "
               "a tokenizer, not to pre-train, which needs --images FOLDER of <image id>.png")  # fmt: skip
