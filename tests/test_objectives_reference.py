@@ -39,9 +39,11 @@ def _objective(name: str) -> ElvisLoss:
 
     from monai.bundle import ConfigParser
 
+    import monai_elvis.bundle  # the overlays read the bundle's on/off setting gather_negatives with its parse_flag
+
     overlay = json.loads((ROOT / "configs" / "objective" / f"{name}.json").read_text())
-    config = {"imports": ["$import monai_elvis.bundle"], "gather_negatives": True, "objective": overlay["objective"]}
-    return ConfigParser(config).get_parsed_content("objective")
+    config = {"gather_negatives": True, "objective": overlay["objective"]}
+    return ConfigParser(config, globals={"monai_elvis": monai_elvis}).get_parsed_content("objective")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
