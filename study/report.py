@@ -270,28 +270,18 @@ def conclusions(tables: dict) -> list[str]:
         return f"{subject}: ELVIS is " + "; ".join(parts) + "."
 
     higher = {m[0]: m[4] for m in MEASURES}
-    found = tables.get("found", {})
-    for o in BASELINES:
-        keys = [(o, m[0]) for m in MEASURES if (o, m[0]) in found]
-        s = sentence(f"Against {LABELS[o]} (default phantom)", found, keys, lambda k: (k[1], higher[k[1]]))
-        if s:
-            text.append(s)
+    measure = lambda k: (k[-1], higher[k[-1]])  # noqa: E731  # keys ending in a measure's label
+    groups = [(f"Against {LABELS[o]} (default phantom)", tables.get("found", {}), lambda k, o=o: k[0] == o, measure)
+              for o in BASELINES]  # fmt: skip
     lengths = tables.get("found_lengths", {})
-    for e in sorted({k[0] for k in lengths}):
-        keys = [k for k in lengths if k[0] == e]
-        s = sentence(f"Against one-hot after {e} epochs", lengths, keys, lambda k: (k[1], higher[k[1]]))
-        if s:
-            text.append(s)
-    hard = tables.get("found_hard", {})
-    for o in BASELINES:
-        keys = [(o, m[0]) for m in MEASURES if (o, m[0]) in hard]
-        s = sentence(f"Against {LABELS[o]} (realistic phantom)", hard, keys, lambda k: (k[1], higher[k[1]]))
-        if s:
-            text.append(s)
-    dice = tables.get("found_dice", {})
-    for o in BASELINES:
-        keys = [k for k in dice if k[0] == o]
-        s = sentence(f"Segmentation Dice against {LABELS[o]}", dice, keys, lambda k: (f"{k[1]} {_pct(k[2])}", True))
+    groups += [(f"Against one-hot after {e} epochs", lengths, lambda k, e=e: k[0] == e, measure)
+               for e in sorted({k[0] for k in lengths})]  # fmt: skip
+    groups += [(f"Against {LABELS[o]} (realistic phantom)", tables.get("found_hard", {}), lambda k, o=o: k[0] == o,
+                measure) for o in BASELINES]  # fmt: skip
+    groups += [(f"Segmentation Dice against {LABELS[o]}", tables.get("found_dice", {}), lambda k, o=o: k[0] == o,
+                lambda k: (f"{k[1]} {_pct(k[2])}", True)) for o in BASELINES]  # fmt: skip
+    for subject, found, wanted, label_of in groups:
+        s = sentence(subject, found, [k for k in found if wanted(k)], label_of)
         if s:
             text.append(s)
     return text
