@@ -96,7 +96,7 @@ def _compare(items: dict, seeds: Sequence[int], a: str, b: str, phantom: str, ep
     return paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs], statistic)
 
 
-def _cell(d: Difference | None, higher_better: bool = True) -> str:
+def _cell(d: Difference | None) -> str:
     if d is None:
         return "n/a"
     text = str(d)
@@ -129,7 +129,7 @@ def differences_table(items: dict, objectives: Sequence[str], seeds: Sequence[in
         for o in others:
             d = _compare(items, seeds, reference, o, phantom, epochs, part, metric, statistic)
             found[(o, label)] = d
-            cells.append(_cell(d, higher))
+            cells.append(_cell(d))
         arrow = "" if higher else " (lower is better)"
         lines.append(f"| {label}{arrow} | " + " | ".join(cells) + " |")
     return "\n".join(lines), found
@@ -195,7 +195,7 @@ def length_table(items: dict, records: Sequence[dict], seeds: Sequence[int]) -> 
         for label, part, metric, statistic, higher in chosen:
             d = _compare(items, seeds, "elvis", "one_hot", "easy", e, part, metric, statistic)
             found[(e, label)] = d
-            diffs.append(_cell(d, higher))
+            diffs.append(_cell(d))
         lines.append(f"| {e} | " + " | ".join(means + diffs) + " |")
     return ("\n".join(lines) if lengths else ""), found
 
@@ -297,6 +297,14 @@ def _yerr(stats: Sequence[tuple[float, float, int]], top: float | None = None) -
     return np.stack([low, high])
 
 
+def _save(fig, path: Path, plt, dpi: int = 110) -> Path:
+    """Lay ``fig`` out, write it to ``path`` and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _length_plot(records: Sequence[dict], items: dict, out_dir: Path, plt) -> list[Path]:
     """``length_axis.png``: locality, pointing and CNR of ELVIS and one-hot against the pre-training length."""
     seeds = _seeds(records)
@@ -316,11 +324,7 @@ def _length_plot(records: Sequence[dict], items: dict, out_dir: Path, plt) -> li
         ax.set_ylabel(f"{label} (mean ± std over seeds)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Training length, default phantom, test split")
-    fig.tight_layout()
-    path = out_dir / "length_axis.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "length_axis.png", plt)]
 
 
 def _curve_plot(records: Sequence[dict], out_dir: Path, plt, seg_iterations: int | None = None) -> list[Path]:
@@ -338,11 +342,7 @@ def _curve_plot(records: Sequence[dict], out_dir: Path, plt, seg_iterations: int
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     ax.set_title("Segmentation learning curve (chooses the schedule)")
-    fig.tight_layout()
-    path = out_dir / "seg_curve.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "seg_curve.png", plt)]
 
 
 def _forest_plot(found: dict, out_dir: Path, plt) -> Path:
@@ -365,11 +365,7 @@ def _forest_plot(found: dict, out_dir: Path, plt) -> Path:
     axes[0][0].invert_yaxis()
     fig.suptitle("ELVIS minus baseline, default phantom test split: 95% paired bootstrap interval (green: excludes 0)",
                  fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    path = out_dir / "differences.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "differences.png", plt)
 
 
 def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] | None = None,
@@ -402,10 +398,7 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
     ax.set_ylabel("CNR (mean ± std over seeds)")
     ax.set_title("Phrase-grounding CNR per category, phantom test split")
     ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    written.append(out_dir / "cnr_per_category.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / "cnr_per_category.png", plt))
 
     seg = [r for r in records if r.get("step") == "segmentation"]
     if seg:
@@ -426,10 +419,7 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
             ax.set_ylabel("test mean Dice")
             ax.set_title(f"encoder {m}")
         axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "dice_vs_fraction.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "dice_vs_fraction.png", plt))
 
     loc = [r for r in records if r.get("step") == "locality"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -438,10 +428,7 @@ def plots(records: Sequence[dict], out_dir: Path, heatmap_dirs: dict[str, Path] 
     ax.set_xticks(range(len(objs)), [LABELS[o] for o in objs], rotation=15, fontsize=8)
     ax.set_ylabel("locality preservation (Pearson r)")
     ax.set_title("Intra-image similarity before vs after projection")
-    fig.tight_layout()
-    written.append(out_dir / "locality.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / "locality.png", plt))
 
     written += _length_plot(all_records, items or {}, out_dir, plt)
     written += _curve_plot(all_records, out_dir, plt, seg_iterations)
