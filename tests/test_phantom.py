@@ -187,6 +187,24 @@ def test_difficulty_changes_the_measured_contrast_as_it_says(anatomy, kind):
     assert sign * easy > 0.3
 
 
+def test_nodule_min_mm_sets_the_smallest_solid_nodule(anatomy):
+    from monai_elvis.data.phantom import FindingSettings, sample_finding
+    from monai_elvis.data.phantom.findings import NODULE_MAX_MM
+
+    def diameters(settings):
+        rng = np.random.default_rng(3)
+        found = [sample_finding("nodule", anatomy, rng, settings).attributes for _ in range(30)]
+        return np.array([a["diameter_mm"] for a in found if not a["mass"]])
+
+    default = diameters(FindingSettings())
+    assert default.min() < 15 and default.max() <= NODULE_MAX_MM  # 8 to 28 mm
+    lifted = diameters(FindingSettings(nodule_min_mm=20.0, size_scale=1.5))
+    assert len(lifted) > 10 and lifted.min() >= 20.0 * 1.5 - 0.1 and lifted.max() <= NODULE_MAX_MM * 1.5 + 0.1
+    for bad in (0.0, 30.0):
+        with pytest.raises(ValueError, match="nodule_min_mm"):
+            FindingSettings(nodule_min_mm=bad)
+
+
 def test_lesion_contrast_by_hand():
     from monai_elvis.data.phantom import lesion_contrast
 
@@ -231,6 +249,13 @@ def test_prepare_phantom_refuses_a_folder_made_with_other_settings(tmp_path):
     assert prepare_phantom(tmp_path, num=10, size=64, difficulty="realistic") == {"existing": True}
     # another size of the same kind of phantom is used, and said so
     assert prepare_phantom(tmp_path, num=12, size=64, difficulty="realistic")["differs"] == "num 10 (wanted 12)"
+    # an easy phantom written by an earlier version, whose findings were drawn otherwise (no nodule_min_mm)
+    old_easy = {"contrast": 4.0, "size_scale": 2.0, "texture": 0.5, "lung_field": 0.6}
+    (tmp_path / "phantom.json").write_text(json.dumps({"settings": {"size": 64, "seed": 0, "difficulty": "easy",
+                                                                    "render": {"framing": "thorax"}, "findings": old_easy},
+                                                       "studies": [{}] * 10}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"findings .*'nodule_min_mm': 8\.0.*\(wanted .*'nodule_min_mm': 15\.0.*Delete"):
+        prepare_phantom(tmp_path, num=10, size=64)
 
 
 PREPARE_SCRIPT = ("from monai_elvis.data.phantom import prepare_phantom\n"

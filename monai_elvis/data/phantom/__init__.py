@@ -41,28 +41,35 @@ def prepare_phantom(out, num: int = 2000, size: int = 256, seed: int = 0, worker
     """Write the default phantom dataset into ``out`` unless ``out/datalist.json`` already exists (idempotent);
     returns the writer's summary, or ``{"existing": True}``.
 
-    An existing folder made with another difficulty or framing is refused with a ``ValueError`` that names them:
+    An existing folder made with another difficulty, framing or finding settings (:class:`FindingSettings`, which
+    change between versions of this package) is refused with a ``ValueError`` that names them:
     reusing it would silently train on other kinds of images. One of another number, size or seed is used as it
     is, with a warning that names the differences (``"differs"`` in the returned dict). ``progress(done, total,
     seconds)`` is called as studies are written."""
     import json
     from pathlib import Path
 
+    from dataclasses import asdict
+
     out = Path(out)
-    wanted = {"num": num, "size": size, "seed": seed, "difficulty": difficulty, "framing": framing}
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}.")
+    wanted = {"num": num, "size": size, "seed": seed, "difficulty": difficulty, "framing": framing,
+              "findings": asdict(DIFFICULTIES[difficulty])}  # fmt: skip
     if (out / "datalist.json").is_file():
         try:
             meta = json.loads((out / "phantom.json").read_text())
             settings = meta["settings"]
             have = {"num": len(meta["studies"]), "size": settings["size"], "seed": settings["seed"],
                     "difficulty": settings.get("difficulty", "realistic"),
-                    "framing": settings.get("render", {}).get("framing", "full")}  # fmt: skip
+                    "framing": settings.get("render", {}).get("framing", "full"),
+                    "findings": {**asdict(FindingSettings()), **settings.get("findings", {})}}  # fmt: skip
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{out} has a datalist.json but no readable phantom.json ({e}); delete the folder to "
                              "have the phantom written again, or point dataset_dir elsewhere.") from e  # fmt: skip
         differ = {k: (have[k], v) for k, v in wanted.items() if have[k] != v}
         said = ", ".join(f"{k} {a!r} (wanted {b!r})" for k, (a, b) in differ.items())
-        if "difficulty" in differ or "framing" in differ:  # other images: training on them would mislead
+        if {"difficulty", "framing", "findings"} & set(differ):  # other images: training on them would mislead
             raise ValueError(f"the phantom in {out} was made with other settings: {said}. Delete {out} to have it "
                              "written again with these settings, or choose another folder (dataset_dir).")  # fmt: skip
         if differ:  # the same kind of data, of another size: used as it is, and said so

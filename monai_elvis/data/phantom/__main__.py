@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texture", type=float, help="share of an opacity left aerated, 0-1 (overrides --difficulty)")
     parser.add_argument("--lung-field", type=float,
                         help="least share of a nodule, opacity or atelectasis in the open lung field (overrides --difficulty)")
+    parser.add_argument("--nodule-min-mm", type=float,
+                        help="smallest solid nodule diameter before --size-scale, up to 28 (overrides --difficulty)")
     parser.add_argument("--framing", default="thorax", choices=["thorax", "full"],
                         help="thorax: the lungs fill the image as on a PA film; full: the whole projection of the CT")
     args = parser.parse_args(argv)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from monai_elvis.data.phantom import DIFFICULTIES, RenderSettings
 
     explicit = {k: v for k, v in (("contrast", args.contrast), ("size_scale", args.size_scale),
-                                  ("texture", args.texture), ("lung_field", args.lung_field)) if v is not None}  # fmt: skip
+                                  ("texture", args.texture), ("lung_field", args.lung_field),
+                                  ("nodule_min_mm", args.nodule_min_mm)) if v is not None}  # fmt: skip
     try:
         difficulty = replace(DIFFICULTIES[args.difficulty], **explicit) if explicit else args.difficulty
         generator = PhantomGenerator(anatomy, size=args.size, seed=args.seed, normal_fraction=args.normal_fraction,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -16,6 +16,7 @@ __all__ = ["Finding", "FINDING_TYPES", "FindingSettings", "Difficulty", "DIFFICU
 FINDING_TYPES = ("nodule", "opacity", "effusion", "pneumothorax", "cardiomegaly", "atelectasis")
 LUNGS = {"right": [n for n, (s, _) in LOBES.items() if s == "right"], "left": [n for n, (s, _) in LOBES.items() if s == "left"]}
 LOWER_LOBE = {"right": "lung_lower_lobe_right", "left": "lung_lower_lobe_left"}
+NODULE_MAX_MM = 28.0  # largest solid nodule (before FindingSettings.size_scale); larger lesions are masses
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,17 @@ class FindingSettings:
         lung_field: the least share of a nodule's, opacity's or atelectasis's projection that must lie in the
             open lung field (the lungs' projection outside the heart, mediastinum and diaphragm), where a
             radiograph shows it best (0: anywhere in its lobe, also behind the heart or below the dome).
+        nodule_min_mm: the smallest diameter a solid nodule is drawn with, before ``size_scale`` (nodules are drawn
+            uniformly between it and 28 mm; masses, from 30 to 55 mm, are not affected). At 8 mm, the realistic
+            range, the smallest nodules of the easy phantom cover a few pixels at 128 px and look like the
+            fragments of a patchy opacity.
     """
 
     contrast: float = 1.0
     size_scale: float = 1.0
     texture: float = 0.0
     lung_field: float = 0.0
+    nodule_min_mm: float = 8.0
 
     def __post_init__(self) -> None:
         if self.contrast <= 0 or self.size_scale <= 0:
@@ -46,6 +52,8 @@ class FindingSettings:
             raise ValueError(f"texture must be in [0, 1), got {self.texture}.")
         if not 0 <= self.lung_field <= 1:
             raise ValueError(f"lung_field must be in [0, 1], got {self.lung_field}.")
+        if not 0 < self.nodule_min_mm <= NODULE_MAX_MM:
+            raise ValueError(f"nodule_min_mm must be in (0, {NODULE_MAX_MM}], got {self.nodule_min_mm}.")
 
 
 class Difficulty(str, Enum):
@@ -58,7 +66,7 @@ class Difficulty(str, Enum):
 
 
 DIFFICULTIES: dict[str, FindingSettings] = {
-    Difficulty.EASY.value: FindingSettings(contrast=4.0, size_scale=2.0, texture=0.5, lung_field=0.6),
+    Difficulty.EASY.value: FindingSettings(contrast=4.0, size_scale=2.0, texture=0.5, lung_field=0.6, nodule_min_mm=15.0),
     Difficulty.REALISTIC.value: FindingSettings(contrast=1.0, size_scale=1.0),
 }
 
@@ -149,10 +157,10 @@ def _blob_in(anat: PhantomAnatomy, lobe: str, radii_mm: list[np.ndarray], offset
     return None
 
 
-def _nodule(anat, rng, scale: float = 1.0) -> Finding | None:
+def _nodule(anat, rng, scale: float = 1.0, min_mm: float = 8.0) -> Finding | None:
     lobe = rng.choice(list(LOBES))
     mass = rng.random() < 0.3
-    diameter = float(rng.uniform(30, 55) if mass else rng.uniform(8, 28)) * scale
+    diameter = float(rng.uniform(30, 55) if mass else rng.uniform(min_mm, NODULE_MAX_MM)) * scale
     radii = [diameter / 2 * rng.uniform(0.85, 1.15, 3) for _ in range(2)]
     offsets = [np.zeros(3), rng.normal(0, diameter / 8, 3)]
     got = _blob_in(anat, lobe, radii, offsets, rng, min_inside=0.75)
@@ -344,14 +352,19 @@ def sample_finding(kind: str, anat: PhantomAnatomy, rng: np.random.Generator,
     if s.lung_field > 0 and kind in _IN_LUNG_FIELD:
         field = lung_field(anat)
         for _ in range(20):
-            f = sample_finding(kind, anat, rng, FindingSettings(s.contrast, s.size_scale, s.texture, 0.0))
+            f = sample_finding(kind, anat, rng, replace(s, lung_field=0.0))
             if (f.mask & field).sum() >= s.lung_field * f.mask.sum():
                 return f
         return f  # rare: no place in the open field after 20 tries; keep the last one
     for attempt in range(8):
         # a lesion scaled up may not fit its lobe (the middle lobe is small): shrink it towards its realistic size
         scale = s.size_scale if attempt < 3 or s.size_scale <= 1 else max(1.0, s.size_scale * 0.8 ** (attempt - 2))
-        f = _opacity(anat, rng, scale, s.texture) if kind == "opacity" else _SAMPLERS[kind](anat, rng, scale)
+        if kind == "opacity":
+            f = _opacity(anat, rng, scale, s.texture)
+        elif kind == "nodule":
+            f = _nodule(anat, rng, scale, s.nodule_min_mm)
+        else:
+            f = _SAMPLERS[kind](anat, rng, scale)
         if f is not None and f.mask.any():
             if s.contrast != 1.0:
                 f.delta = f.delta * np.float32(s.contrast)
