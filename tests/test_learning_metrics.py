@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_elvis.benchmarks.phantom_probe import phantom_labels, side_accuracy
+from monai_elvis.benchmarks.phantom_probe import phantom_labels, random_affine, side_accuracy
 from monai_elvis.engines import ChanceLevelHandler, MetricsHistoryHandler, learning_curve_table
 from monai_elvis.metrics import (
     ClassAwareRetrievalMetric,
@@ -220,6 +220,18 @@ def test_probe_labels_and_side_accuracy(tmp_path):
     logits[0, 2], logits[1, 2], logits[1, 0] = -1.0, 2.0, -3.0  # effusion both right; the nodule wrong
     acc = side_accuracy(logits, sides)
     assert acc[2].item() == 1.0 and acc[0].item() == 0.0 and math.isnan(acc[4].item())
+
+
+def test_probe_augmentation_is_an_affine_map_within_its_ranges():
+    x = torch.zeros(3, 1, 33, 33)
+    x[:, :, 16, 16] = 1.0  # a dot in the centre
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(random_affine(x, g, 0.0, 0.0, 0.0), x, atol=1e-6)  # no range: the identity
+    shifted = random_affine(x, torch.Generator().manual_seed(1), rotate_degrees=0.0, scale=0.0, translate=0.1)
+    peaks = [divmod(int(i), 33) for i in shifted.flatten(1).argmax(1)]
+    assert all(abs(r - 16) <= 4 and abs(c - 16) <= 4 for r, c in peaks) and len(set(peaks)) > 1  # moved, < 10%
+    again = random_affine(x, torch.Generator().manual_seed(1), rotate_degrees=0.0, scale=0.0, translate=0.1)
+    assert torch.equal(shifted, again)  # the generator decides
 
 
 def test_zero_shot_scores_take_the_best_prompt_of_each_class():

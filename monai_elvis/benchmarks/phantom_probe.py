@@ -87,6 +87,19 @@ def _load_split(data_dir: Path, split: str, size: int, labels: dict) -> tuple[to
     return torch.stack(images).float(), torch.stack(presence), torch.stack(side)
 
 
+def random_affine(x: torch.Tensor, generator: torch.Generator, rotate_degrees: float = 5.0, scale: float = 0.1,
+                  translate: float = 0.05) -> torch.Tensor:
+    """A random rotation, scale and translation per image of ``x [B, C, H, W]`` (the ranges of
+    :func:`~monai_elvis.transforms.cxr_augmentation`, no flip), bilinear, zeros outside."""
+    b = x.shape[0]
+    u = lambda r: (torch.rand(b, generator=generator) * 2 - 1) * r  # noqa: E731
+    angle, s = torch.deg2rad(u(rotate_degrees)), 1 + u(scale)
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos, -sin, 2 * u(translate)], 1), torch.stack([sin, cos, 2 * u(translate)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def run_phantom_probe(
     data_dir: str | Path,
     image_size: int = 128,
@@ -95,6 +108,7 @@ def run_phantom_probe(
     learning_rate: float = 1e-3,
     seed: int = 0,
     encoder_kwargs: dict | None = None,
+    augment: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Train :class:`PhantomProbe` on the phantom at ``data_dir`` (its ``datalist.json`` and ``phantom.json``) and
@@ -123,7 +137,7 @@ def run_phantom_probe(
         total = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            presence, side = model(x_tr[idx])
+            presence, side = model(random_affine(x_tr[idx], g) if augment else x_tr[idx])
             valid = ~torch.isnan(s_tr[idx])
             loss = F.binary_cross_entropy_with_logits(presence, p_tr[idx])
             if valid.any():
