@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_elvis.benchmarks.phantom_probe import phantom_labels, random_affine, side_accuracy
+from monai_elvis.benchmarks.phantom_probe import median_contrast, phantom_labels, random_affine, side_accuracy
 from monai_elvis.engines import ChanceLevelHandler, MetricsHistoryHandler, learning_curve_table
 from monai_elvis.metrics import (
     ClassAwareRetrievalMetric,
@@ -220,6 +220,26 @@ def test_probe_labels_and_side_accuracy(tmp_path):
     logits[0, 2], logits[1, 2], logits[1, 0] = -1.0, 2.0, -3.0  # effusion both right; the nodule wrong
     acc = side_accuracy(logits, sides)
     assert acc[2].item() == 1.0 and acc[0].item() == 0.0 and math.isnan(acc[4].item())
+
+
+def test_median_contrast_of_a_written_phantom_by_hand(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = np.zeros((32, 32), np.uint16)
+    image[::2] = 100  # the surroundings alternate 0 / 100 by row: mean 50, std 50
+    image[10:14, 10:14] = 300  # the lesion: (300 - 50) / 50 = 5
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:14, 10:14] = 255
+    Image.fromarray(image).save(tmp_path / "images" / "a.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "a_0.png")
+    finding = {"kind": "nodule", "mask": "masks/a_0.png"}
+    studies = [{"id": "a", "split": "test", "files": {"image": "images/a.png"}, "findings": [finding]},
+               {"id": "b", "split": "training", "files": {"image": "missing.png"}, "findings": [finding]}]  # fmt: skip
+    (tmp_path / "phantom.json").write_text(json.dumps({"studies": studies}))
+    contrast = median_contrast(tmp_path)
+    assert contrast["nodule"] == 5.0 and math.isnan(contrast["effusion"])  # the training study is not read
 
 
 def test_probe_augmentation_is_an_affine_map_within_its_ranges():

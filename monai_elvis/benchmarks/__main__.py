@@ -112,11 +112,13 @@ def _phantom_probe(args: argparse.Namespace) -> None:
     summary = (f"{args.difficulty} phantom ({data_dir}): {result['train']} training / {result['test']} test studies "
                f"at {result['image_size']} px, {result['steps']} steps; {result['seconds']:.0f} s in all "
                f"({result['train_seconds']:.0f} s training)")  # fmt: skip
-    print(_table(rows, ["kind", "auc", "side_accuracy", "test_positives"]))
+    print(_table(rows, ["kind", "auc", "side_accuracy", "test_positives", "contrast"]))
     print(summary)
     if args.out:
-        md = ["| kind | AUC | side accuracy | test positives |", "| --- | ---: | ---: | ---: |"]
-        md += [f"| {r['kind']} | {r['auc']} | {r['side_accuracy']} | {r['test_positives']} |" for r in rows]
+        md = ["| kind | AUC | side accuracy | test positives | median lesion contrast |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+        md += [f"| {r['kind']} | {r['auc']} | {r['side_accuracy']} | {r['test_positives']} | {r['contrast']} |"
+               for r in rows]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(md) + f"\n\n{summary}.\n", encoding="utf-8")
         print(f"wrote {args.out}")

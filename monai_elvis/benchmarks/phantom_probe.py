@@ -87,6 +87,25 @@ def _load_split(data_dir: Path, split: str, size: int, labels: dict) -> tuple[to
     return torch.stack(images).float(), torch.stack(presence), torch.stack(side)
 
 
+def median_contrast(data_dir: str | Path, split: str = "test") -> dict[str, float]:
+    """Per finding kind, the median :func:`~monai_elvis.data.phantom.lesion_contrast` of the ``split``'s findings in
+    the phantom at ``data_dir`` (each finding's mask against the ring around it, on the written image)."""
+    from PIL import Image
+
+    from monai_elvis.data.phantom import lesion_contrast
+
+    data_dir = Path(data_dir)
+    values: dict[str, list[float]] = {k: [] for k in FINDING_TYPES}
+    for study in json.loads((data_dir / "phantom.json").read_text())["studies"]:
+        if study.get("split") != split or not study["findings"]:
+            continue
+        image = np.asarray(Image.open(data_dir / study["files"]["image"]), np.float32)
+        for f in study["findings"]:
+            mask = np.asarray(Image.open(data_dir / f["mask"])) > 0
+            values[f["kind"]].append(lesion_contrast(image, mask))
+    return {k: round(float(np.nanmedian(v)), 2) if v else float("nan") for k, v in values.items()}
+
+
 def random_affine(x: torch.Tensor, generator: torch.Generator, rotate_degrees: float = 5.0, scale: float = 0.1,
                   translate: float = 0.05) -> torch.Tensor:
     """A random rotation, scale and translation per image of ``x [B, C, H, W]`` (the ranges of
@@ -114,8 +133,10 @@ def run_phantom_probe(
     """Train :class:`PhantomProbe` on the phantom at ``data_dir`` (its ``datalist.json`` and ``phantom.json``) and
     score it on the test split.
 
-    Returns ``{"records": [{"kind", "auc", "side_accuracy", "test_positives"}, ...], "seconds", "steps", ...}``;
-    ``side_accuracy`` is None for a kind without a side (cardiomegaly)."""
+    Returns ``{"records": [{"kind", "auc", "side_accuracy", "test_positives", "contrast"}, ...], "seconds", "steps",
+    ...}``; ``side_accuracy`` is None for a kind without a side (cardiomegaly); ``contrast`` is the kind's
+    :func:`median_contrast` on the test split. Each training batch is augmented by :func:`random_affine` when
+    ``augment``."""
     say = progress or (lambda _m: None)
     data_dir = Path(data_dir)
     torch.manual_seed(seed)
@@ -154,13 +175,14 @@ def run_phantom_probe(
     presence = torch.cat([o[0] for o in outs])
     side = torch.cat([o[1] for o in outs])
     side_acc = side_accuracy(side, s_te)
+    contrast = median_contrast(data_dir)
     records = []
     for k, kind in enumerate(FINDING_TYPES):
         pos = int(p_te[:, k].sum())
         auc = float(compute_roc_auc(presence[:, k].sigmoid(), p_te[:, k])) if 0 < pos < len(p_te) else float("nan")
         acc = float(side_acc[k])
         records.append({"kind": kind, "auc": round(auc, 4), "side_accuracy": None if np.isnan(acc) else round(acc, 4),
-                        "test_positives": pos})  # fmt: skip
+                        "test_positives": pos, "contrast": contrast[kind]})  # fmt: skip
     return {
         "records": records, "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(time.perf_counter() - t1, 1),
         "steps": epochs * steps_per_epoch, "image_size": image_size, "train": len(x_tr), "test": len(x_te),
