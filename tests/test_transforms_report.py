@@ -186,3 +186,34 @@ def test_tokenize_report_word_index_groups_sub_words_with_cls_as_word_0(tmp_path
     assert cut[Keys.WORD_INDEX].tolist() == [0, 1, 2, -1]
     assert Keys.WORD_INDEX not in TokenizeReport(tok)(sentences)  # optional: off by default
     assert Keys.WORD_INDEX in TokenizeReportd(tokenizer=tok, word_index=True)({"report": sentences})
+
+
+TRAIN_TWICE = """
+import json, sys
+from monai_elvis.data.phantom.reports import NEGATIONS
+from monai_elvis.transforms import train_wordpiece_tokenizer
+texts = [s for v in NEGATIONS.values() for s in v] * 3 + [
+    "There is a moderate left pleural effusion.", "Right upper lobe nodule measuring 2 cm.",
+    "Subsegmental atelectasis in the right lower lobe.", "The cardiac silhouette is mildly enlarged."] * 2
+tok = train_wordpiece_tokenizer(texts, sys.argv[1])
+print(json.dumps(tok.get_vocab(), sort_keys=True))
+print(json.dumps(tok("Moderate left pleural effusion. Bibasilar opacities.")["input_ids"]))
+"""
+
+
+def test_wordpiece_tokenizer_is_the_same_in_every_process(tmp_path):
+    """tokenizers' trainer breaks ties at random per process (huggingface/tokenizers#1794): without the fixed
+    vocabulary these processes disagree on the ids (4 of 4 differed when this test was written)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    outs = [subprocess.run([sys.executable, "-c", TRAIN_TWICE, str(tmp_path / f"tok{i}")], capture_output=True,
+                           text=True, timeout=120, env=env, check=True).stdout for i in range(3)]  # fmt: skip
+    assert outs[0] == outs[1] == outs[2]
+    vocab = AutoTokenizer.from_pretrained(str(tmp_path / "tok0")).get_vocab()
+    assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])][:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert "effusion" in vocab and "b" in vocab and "##b" in vocab  # the texts' words, and their alphabet

@@ -346,6 +346,13 @@ def train_wordpiece_tokenizer(
 ):
     """Train a BERT WordPiece tokenizer (``tokenizers``) and save it where ``AutoTokenizer`` loads it.
 
+    The vocabulary keeps the word pieces that the words of ``texts`` are split into and the single characters, in a
+    fixed order (``[PAD] [UNK] [CLS] [SEP] [MASK]``, then the pieces sorted). The trainer breaks ties between
+    equally frequent merges at random (huggingface/tokenizers#1794) and so keeps other intermediate pieces, in
+    another order, from run to run; what is kept here is the same in every run whenever the runs split the words
+    of ``texts`` alike, as they do when ``vocab_size`` leaves room for every word (the phantom's reports). A corpus
+    larger than ``vocab_size`` can still be split otherwise from run to run at the ties of the last merges.
+
     Returns the :class:`transformers.PreTrainedTokenizerFast`; ``out_dir`` holds ``tokenizer.json`` and the
     tokenizer config.
     """
@@ -357,7 +364,16 @@ def train_wordpiece_tokenizer(
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials)
+    texts = list(texts)
     tok.train_from_iterator(texts, trainer=trainer)
+    # The trainer breaks ties between equally frequent merges at random (huggingface/tokenizers#1794): runs on the
+    # same texts keep different intermediate pieces, in a different order, even where they split every word of
+    # the texts alike. Keep the pieces the texts' words use and the single characters, in a fixed order.
+    words = {w for t in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t))}
+    used = {piece.value for w in words for piece in tok.model.tokenize(w)}
+    alphabet = {t for t in tok.get_vocab() if len(t) == 1 or (t.startswith("##") and len(t) == 3)}
+    order = specials + sorted((used | alphabet) - set(specials))
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(order)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
