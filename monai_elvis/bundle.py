@@ -173,17 +173,18 @@ def _missing(paths: Sequence[str | os.PathLike]) -> list[str]:
     return [_norm(p) for p in paths if not os.path.exists(p)]
 
 
-def require_pretrained_model(model_file: str | os.PathLike, text_model_dir: str | os.PathLike) -> None:
+def require_pretrained_model(model_file: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> None:
     """Raise :class:`MissingInputError` (one paragraph: what is missing, what to run) unless the pre-trained
-    ``model.pt`` and the ``text_model`` folder (report encoder + tokenizer) that grounding needs both exist."""
-    missing = _missing([model_file, text_model_dir])
+    ``model.pt`` and the ``tokenizer`` folder that grounding needs both exist (the pre-training bundle writes both
+    into its ``models/``; the text encoder's architecture is in the grounding bundle's config)."""
+    missing = _missing([model_file, tokenizer_dir])
     if missing:
         where = _norm(os.path.dirname(os.fspath(model_file)) or ".")
         names = [os.path.relpath(m, where) if os.path.dirname(m) == where else m for m in missing]
         raise MissingInputError(
             f"no pre-trained model at {where} ({' and '.join(names)} missing). Grounding uses the model that "
             f"pre-training makes: run `{PRETRAIN_COMMAND}` first (minutes on a CPU at the default tiny scale), then "
-            "add --ckpt_dir bundles/elvis_pretrain/models to this command, or copy model.pt and text_model/ from "
+            "add --ckpt_dir bundles/elvis_pretrain/models to this command, or copy model.pt and tokenizer/ from "
             f"there into {where}."
         )
 

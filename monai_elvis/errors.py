@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["UsageError", "InputError", "MissingInputError", "ShortUsageErrorLogs", "find_usage_error",
-           "install_bundle_excepthook", "is_bundle_cli"]  # fmt: skip
+__all__ = ["UsageError", "InputError", "MissingInputError", "RequestInputError", "ShortUsageErrorLogs",
+           "find_usage_error", "install_bundle_excepthook", "is_bundle_cli"]  # fmt: skip
 
 TRACEBACK_VARIABLE = "MONAI_ELVIS_TRACEBACK"
 
@@ -31,6 +31,34 @@ class InputError(UsageError, ValueError):
 
 class MissingInputError(UsageError, FileNotFoundError):
     """A file or folder the command needs does not exist (an image, an input folder, a trained model)."""
+
+
+def _http_exception_bases() -> tuple[type, ...]:
+    """Starlette's ``HTTPException`` where Starlette is installed (it is, beside FastAPI, in a MONAI Label server)."""
+    try:
+        from starlette.exceptions import HTTPException
+    except ImportError:
+        return ()
+    return (HTTPException,)
+
+
+class RequestInputError(InputError, *_http_exception_bases()):  # type: ignore[misc]
+    """An input error in what a request gave a bundle, e.g. a grounding request without a phrase.
+
+    Everywhere it is an :class:`InputError` (a ``ValueError``). Where Starlette is installed it is also Starlette's
+    ``HTTPException`` with :attr:`status_code` 400 and the message as its ``detail``, so that a web server built on
+    it (MONAI Label's FastAPI server, which runs a bundle's preprocessing transforms one by one and lets their
+    exceptions through) answers the client's mistake with ``400 Bad Request`` and the message, not with a 500.
+    """
+
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        InputError.__init__(self, message)
+        self.detail, self.headers = message, None
+
+    def __str__(self) -> str:
+        return str(self.detail)
 
 
 def find_usage_error(exc: BaseException | None) -> UsageError | None:

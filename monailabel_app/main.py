@@ -28,21 +28,7 @@ logger = logging.getLogger(__name__)
 BUNDLE_NAMES = ("elvis_cxr_segmentation", "elvis_grounding")
 
 
-class ElvisBundleInferTask(BundleInferTask):
-    """MONAI Label's bundle infer task, plus one step at the very end of the postprocessing: a transpose.
-
-    MONAI Label's writer expects arrays in MONAI's ``(x, y)`` order, as MONAI's image readers produce them, and
-    transposes them back when it writes the mask file. The ELVIS bundles work in the radiograph's row-major order
-    ``(rows, columns)``. Transposing here makes the returned mask file line up with the study's image.
-    """
-
-    def post_transforms(self, data=None):
-        from monai.transforms import Transposed
-
-        return [*super().post_transforms(data), Transposed(keys=self.key_pred, indices=None)]
-
-
-class GroundingInferTask(ElvisBundleInferTask):
+class GroundingInferTask(BundleInferTask):
     """The grounding bundle's infer task: the same bundle, with a clear error when a request has no phrase."""
 
     def __call__(self, request: dict[str, Any], *args: Any, **kwargs: Any):  # type: ignore[override]
@@ -73,7 +59,7 @@ class ElvisApp(MONAILabelApp):
             path = self.bundles_dir / name
             if not (path / "models" / "model.pt").is_file():
                 raise FileNotFoundError(f"{name}: no trained model at {path / 'models' / 'model.pt'}.")
-            task_class = GroundingInferTask if name == "elvis_grounding" else ElvisBundleInferTask
+            task_class = GroundingInferTask if name == "elvis_grounding" else BundleInferTask
             task = task_class(str(path), self.conf)
             if not task.is_valid():
                 raise RuntimeError(f"MONAI Label could not load the bundle {path}: see the log above.")

@@ -238,8 +238,9 @@ class StudyRunner:
             parser.update({"image_size": self.cfg.image_size})
         arch = {k: parser[k] for k in ("image_arch", "image_widen_factor", "image_output_stride", "image_global_pool",
                                        "embed_dim", "shared_projection", "projection_layers", "text_global_pooling",
-                                       "grounding_text_feature", "grounding_similarity")}  # fmt: skip
-        return {"ckpt_dir": str(root / "models"), **arch,
+                                       "grounding_text_feature", "grounding_similarity", "text_model", "vocab_size",
+                                       "text_config")}  # fmt: skip
+        return {"ckpt_dir": str(root / "models"), "tokenizer_dir": str(self.tokenizer_dir), **arch,
                 "image_size": parser.get_parsed_content("image_size"), "dataset_dir": str(self._dataset(phantom))}  # fmt: skip
 
     def grounding(self, objective: str, seed: int, root: Path, phantom: str = EASY, epochs: int | None = None) -> dict:

@@ -112,7 +112,7 @@ def test_grounding_inputs_and_phrases(tmp_path):
 
 def test_missing_models_say_what_to_run(tmp_path):
     with pytest.raises(MissingInputError) as info:
-        require_pretrained_model(tmp_path / "models" / "model.pt", tmp_path / "models" / "text_model")
+        require_pretrained_model(tmp_path / "models" / "model.pt", tmp_path / "models" / "tokenizer")
     message = str(info.value)
     assert message.startswith(f"no pre-trained model at {tmp_path / 'models'}")
     assert "python -m monai.bundle run --config_file bundles/elvis_pretrain/configs/train.json" in message

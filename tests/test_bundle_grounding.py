@@ -21,21 +21,23 @@ from monai.bundle import run as bundle_run
 
 from monai_elvis.engines import GroundingReportHandler, phrase_slug
 from monai_elvis.errors import InputError, find_usage_error
+from conftest import PRETRAIN_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "elvis_grounding" / "configs"
 INFER, EVALUATE, LOGGING = str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json"), str(CONFIGS / "logging.conf")
 META = str(CONFIGS / "metadata.json")
-TINY = dict(image_size=64)
+TINY = dict(image_size=64, vocab_size=PRETRAIN_TINY["vocab_size"])  # the tiny pre-training's vocabulary
 
 
 @pytest.fixture(scope="module")
 def grounding_root(tmp_path_factory, pretrained_bundle) -> Path:
-    """A grounding bundle root whose models/ holds the pre-training bundle's model.pt and text_model/."""
+    """A grounding bundle root whose models/ holds the pre-training bundle's model.pt and tokenizer/ (no
+    text_model/: the text encoder's architecture is in the bundle's config)."""
     root = tmp_path_factory.mktemp("grounding")
     (root / "models").mkdir()
     shutil.copy(pretrained_bundle / "models" / "model.pt", root / "models" / "model.pt")
-    shutil.copytree(pretrained_bundle / "models" / "text_model", root / "models" / "text_model")
+    shutil.copytree(pretrained_bundle / "models" / "tokenizer", root / "models" / "tokenizer")
     return root
 
 
@@ -58,13 +60,13 @@ def test_datalist_inference_writes_maps_overlays_masks_and_boxes(grounding_root,
     import nibabel as nib
 
     for r in records:
-        heat = np.asanyarray(nib.load(r["heatmap"]).dataobj)
+        heat = np.asanyarray(nib.load(r["heatmap"]).dataobj)  # NIfTI keeps the (x, y) array
         assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() <= 1 and heat.max() > 0.9
-        mask = np.asarray(Image.open(r["mask"]))
-        assert np.array_equal(mask > 0, heat >= 0.5)
+        mask = np.asarray(Image.open(r["mask"]))  # the PNG as viewed: rows, columns
+        assert np.array_equal(mask > 0, heat.T >= 0.5)
         assert np.asarray(Image.open(r["overlay"])).shape == (64, 64, 3)
         x, y, w, h = r["box"]
-        assert mask[int(y) : int(y + h), int(x) : int(x + w)].any() and heat[r["peak"][1], r["peak"][0]] == heat.max()
+        assert mask[int(y) : int(y + h), int(x) : int(x + w)].any() and heat[r["peak"][0], r["peak"][1]] == heat.max()
     with open(out / "groundings.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
 
@@ -138,7 +140,7 @@ def test_the_command_line_says_what_to_do_in_a_few_lines(grounding_root, phantom
     assert no_model.returncode == 1 and "Traceback (most recent call last)" not in no_model.stderr, no_model.stderr
     message, hint = no_model.stderr[no_model.stderr.index("\nerror: ") :].strip().splitlines()  # the last 2 lines
     assert message.startswith(f"error: no pre-trained model at {tmp_path / 'empty' / 'models'} (model.pt and "
-                              "text_model missing)")  # fmt: skip
+                              "tokenizer missing)")  # fmt: skip
     assert "run `python -m monai.bundle run --config_file bundles/elvis_pretrain/configs/train.json` first" in message
     assert hint == "(the full traceback: set MONAI_ELVIS_TRACEBACK=1)"
     typo = _bundle_cli("--bundle_root", str(grounding_root), "--image", image, "--phrse", "effusion", cwd=tmp_path)
@@ -221,3 +223,52 @@ def test_report_handler_aggregates_per_category(tmp_path):
     items = json.loads((tmp_path / "grounding_items.json").read_text())  # every item, in order, unscored as None
     assert items == {"category": ["Nodule", "Nodule", "Effusion", "Effusion"],
                      "metrics": {"pointing": [1.0, 0.0, 1.0, None], "iou": [0.25, 0.0, 0.25, None]}}
+
+
+def test_writer_files_line_up_with_a_non_square_radiograph(tmp_path):
+    """GroundingWriter takes a heatmap in MONAI's (x, y) order ([1, W, H], as LoadCXR gives the image) and writes
+    PNGs as viewed: a hot spot at the top right of a 256 wide x 192 high image is at the top right of the map,
+    mask and overlay files, and the record's box and peak are (x, y) in that image's pixels."""
+    from monai_elvis.engines import GroundingWriter
+    from monai_elvis.transforms import LoadCXR
+
+    pixels = np.zeros((192, 256), np.uint8)
+    pixels[20:50, 180:240] = 200
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image = LoadCXR()(tmp_path / "wide.png")
+    heat = image.clone()
+    heat.set_array(torch.zeros(1, 256, 192))
+    heat[0, 180:240, 20:50] = 0.8
+    heat[0, 200, 30] = 1.0
+    record = GroundingWriter(tmp_path / "out").write(heat, "left upper lobe nodule")
+    mask = np.asarray(Image.open(record["mask"])) > 0
+    assert mask.shape == (192, 256) and np.array_equal(mask, pixels > 0)
+    assert np.asarray(Image.open(record["heatmap"])).shape == (192, 256)
+    overlay = np.asarray(Image.open(record["overlay"]))
+    assert overlay.shape == (192, 256, 3) and overlay[30, 200, 0] > overlay[150, 50, 0]
+    assert record["box"] == [180.0, 20.0, 60.0, 30.0] and record["peak"] == [200, 30]
+
+
+def test_network_instantiates_without_a_trained_model_and_a_request_needs_a_phrase(tmp_path, phantom):
+    """network_def is built from the bundle's own architecture record (no models/ folder at all: MONAI Label
+    instantiates it when it loads the bundle), the phrase is a displayable config (what MONAI Label lists in /info
+    and fills in for a request that has none) and a request without one is refused before anything is loaded."""
+    from monai_elvis.errors import InputError, RequestInputError
+    from monai_elvis.networks import ElvisNet
+
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser.update({"bundle_root": str(tmp_path / "empty")})
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, ElvisNet) and net.text_encoder.hidden_size == 64
+    assert net.text_encoder.model.config.vocab_size == parser.get_parsed_content("vocab_size") == 4096
+    assert not (tmp_path / "empty").exists()
+    assert parser.get_parsed_content("displayable_configs") == {"phrase": ""}
+    first = parser.get_parsed_content("preprocessing#transforms#0")  # (the tokenizer of a trained model is not here)
+    image = str(phantom / "images" / "phantom_00000.png")
+    for phrase in ("", "   ", None):
+        with pytest.raises(RequestInputError, match=r"grounding needs a 'phrase' parameter: .* \(got .* for image "
+                                                    r".*phantom_00000.png\)") as info:  # fmt: skip
+            first({"image": image, "phrase": phrase})
+        assert isinstance(info.value, InputError) and info.value.status_code == 400
+    assert first({"image": image, "phrase": " left effusion "})["phrase"] == "left effusion"

@@ -175,12 +175,13 @@ def test_postprocessing_restores_the_input_geometry_and_orientation(tmp_path):
     d["pred"] = d["image"].clone()
     d["pred"].set_array(pred)  # keeps the image's metadata, as the network output does
     out = post(d)
-    assert tuple(out["pred"].shape) == (h, w) and out["pred"].dtype == torch.uint8  # channel squeezed
+    # MONAI's (x, y) order, channel squeezed: [W, H], as MONAI Label's writer takes it
+    assert tuple(out["pred"].shape) == (w, h) and out["pred"].dtype == torch.uint8
     saved = np.asarray(Image.open(tmp_path / "out" / "case_mask.png"))
-    assert saved.shape == (h, w)
+    assert saved.shape == (h, w)  # the PNG as viewed, like the image
     agree = (saved == (image > 0)).mean()
     assert agree > 0.97, agree
-    assert np.array_equal(saved, out["pred"].numpy())
+    assert np.array_equal(saved, out["pred"].numpy().T)
 
 
 def _siim_folder(root: Path, write_dicom) -> None:

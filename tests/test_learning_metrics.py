@@ -135,20 +135,31 @@ def test_phrase_sensitivity_metric_uses_the_phrase_embeddings():
 
 
 def test_peak_side_on_synthetic_maps():
-    heat = torch.zeros(3, 1, 4, 6)
-    mask = torch.zeros(3, 1, 4, 6)
-    heat[0, 0, 1, 5] = 1.0  # peak on the image's right half
-    mask[0, 0, 0:2, 4:6] = 1  # box on the right half -> hit
-    heat[1, 0, 2, 0] = 1.0  # peak on the left half
-    mask[1, 0, 1:3, 3:5] = 1  # box on the right half -> miss
+    # maps in MONAI's (x, y) order: 6 wide (first axis), 4 high; the vertical midline splits the first axis
+    heat = torch.zeros(4, 1, 6, 4)
+    mask = torch.zeros(4, 1, 6, 4)
+    heat[0, 0, 5, 1] = 1.0  # peak on the image's right half (x = 5)
+    mask[0, 0, 4:6, 0:2] = 1  # box on the right half -> hit
+    heat[1, 0, 0, 2] = 1.0  # peak on the left half (x = 0)
+    mask[1, 0, 3:5, 1:3] = 1  # box on the right half -> miss
     heat[2, 0, 0, 0] = 1.0
-    mask[2, 0, 1:3, 2:4] = 1  # box across the midline -> no side
+    mask[2, 0, 2:4, 1:3] = 1  # box across the midline (x = 2, 3) -> no side
+    heat[3, 0, 1, 3] = 1.0  # peak low on the left (x = 1, y = 3): in the same half as a box in the top left rows
+    mask[3, 0, 0:3, 0:1] = 1  # x 0..2, y 0: left half, top row; with (H, W) order it would span the midline
     side = peak_side(heat, mask)
-    assert side[0].item() == 1.0 and side[1].item() == 0.0 and math.isnan(side[2].item())
+    assert side[0].item() == 1.0 and side[1].item() == 0.0 and math.isnan(side[2].item()) and side[3].item() == 1.0
+    # the same maps seen as (H, W) arrays: the sides are those of the other axis, so the answers change
+    assert not torch.equal(torch.nan_to_num(peak_side(heat.transpose(-1, -2), mask.transpose(-1, -2)), -1.0),
+                           torch.nan_to_num(side, -1.0))  # fmt: skip
     metric = GroundingMetric("side")
-    metric(heat, mask)
+    metric(heat[:3], mask[:3])
     assert metric.aggregate().item() == pytest.approx(0.5)  # the NaN item is left out
     assert metric.chance() == 0.5
+    odd = torch.zeros(1, 1, 5, 2)
+    odd_mask = torch.zeros(1, 1, 5, 2)
+    odd[0, 0, 2, 0] = 1.0  # the middle column of an odd width belongs to neither half: a miss
+    odd_mask[0, 0, 0:2, :] = 1
+    assert peak_side(odd, odd_mask).item() == 0.0
 
 
 def test_pointing_chance_is_the_share_the_boxes_cover():

@@ -110,7 +110,7 @@ def test_prepare_writes_sizes_intensities_orientation_and_counts_skips(tmp_path,
     # MONOCHROME1 is inverted: the block of the highest stored value is black, the rest white
     m = _png(out / "images/dcm/mono1.png")
     assert m.shape == (64, 51)
-    ref = LoadCXR()(tmp_path / "src/dcm/mono1.dcm")[0].numpy()
+    ref = LoadCXR()(tmp_path / "src/dcm/mono1.dcm")[0].numpy().T  # as stored: rows, columns
     assert ref[:20, :20].max() == 0 and ref[20:, 20:].min() == 1  # the loader's own inversion
     assert m[:12, :12].max() < 10 and m[14:, 14:].min() > 245 and m[14:, :12].min() > 245
     # the VOI window is applied: stored values below 500 are black, above 1500 white
@@ -119,7 +119,7 @@ def test_prepare_writes_sizes_intensities_orientation_and_counts_skips(tmp_path,
     assert (w[:, :14] == 0).all() and (w[:, -3:] == 255).all() and (np.diff(w[0].astype(int)) >= 0).all()
     assert 0 < w[0, 25] < 255
     # what the training loader reads back is the prepared file's values in [0, 1]
-    np.testing.assert_allclose(LoadCXR()(out / "images/png/gradient.png")[0].numpy(), g / 255.0, atol=1e-7)
+    np.testing.assert_allclose(LoadCXR()(out / "images/png/gradient.png")[0].numpy(), g.T / 255.0, atol=1e-7)
 
 
 def test_prepare_16_bit_and_shortest_side(tmp_path, write_dicom):

@@ -12,10 +12,13 @@ from monai_elvis.transforms import BoxesToMask, BoxesToMaskd, LoadCXRd, MaskToBo
 
 
 def test_rle_hand_computed():
-    # column-major pixels of a 4x4 image: run 1 covers pixels 1-2 (column 0, rows 1-2), run 2 pixel 6
+    # column-major pixels of a 4x4 image: run 1 covers pixels 1-2 (column 0, rows 1-2), run 2 pixel 6 (column 1,
+    # row 2); the mask is [1, x, y]
     m = RLEToMask(4, 4)("1 2 3 1")
     assert m.shape == (1, 4, 4) and m.dtype == np.uint8
-    assert np.argwhere(m[0]).tolist() == [[1, 0], [2, 0], [2, 1]]
+    assert np.argwhere(m[0]).tolist() == [[0, 1], [0, 2], [1, 2]]
+    wide = RLEToMask(height=2, width=3)("3 2")  # 3 columns, 2 rows: pixels 3-4 are column 1 row 1, column 2 row 0
+    assert wide.shape == (1, 3, 2) and np.argwhere(wide[0]).tolist() == [[1, 1], [2, 0]]
     assert RLEToMask(4, 4)(["1 2", "6 1"]).sum() == 3  # two rows of one image are merged
     assert RLEToMask(4, 4)(" -1").sum() == 0
 
@@ -82,16 +85,17 @@ def test_rsna_boxes_and_masks(txv_file):
 
 def test_boxes_mask_round_trip_and_following_a_resize(tmp_path, write_dicom):
     boxes = [[10, 20, 30, 40], [60, 5, 20, 10]]
-    mask = BoxesToMask((100, 120))(boxes)
+    mask = BoxesToMask((120, 100))(boxes)  # 120 wide, 100 high: [1, x, y]
+    assert mask.shape == (1, 120, 100) and mask[0, 10:40, 20:60].all() and mask.sum() == 30 * 40 + 20 * 10
     assert MaskToBoxes()(mask).tolist() == [[60, 5, 20, 10], [10, 20, 30, 40]]  # ordered by (y, x)
     assert MaskToBoxesd()({"label": torch.from_numpy(mask)})["boxes"].shape == (2, 4)
-    path = write_dicom(tmp_path / "img.dcm", np.zeros((100, 120), dtype=np.uint16))
-    pipeline = Compose([LoadCXRd("image"), BoxesToMaskd(), Resized(["image", "label"], (50, 60), mode=["area", "nearest"])])
+    path = write_dicom(tmp_path / "img.dcm", np.zeros((100, 120), dtype=np.uint16))  # 100 rows, 120 columns
+    pipeline = Compose([LoadCXRd("image"), BoxesToMaskd(), Resized(["image", "label"], (60, 50), mode=["area", "nearest"])])
     out = pipeline({"image": str(path), "boxes": boxes})
-    assert out["label"].shape == (1, 50, 60)
+    assert out["label"].shape == (1, 60, 50)
     assert MaskToBoxes()(out["label"]).tolist() == [[30, 3, 10, 5], [5, 10, 15, 20]]
     # boxes given in original pixels also land right when painted on an already resized image
-    late = Compose([LoadCXRd("image"), Resized("image", (50, 60)), BoxesToMaskd()])({"image": str(path), "boxes": boxes})
+    late = Compose([LoadCXRd("image"), Resized("image", (60, 50)), BoxesToMaskd()])({"image": str(path), "boxes": boxes})
     assert torch.equal(torch.as_tensor(late["label"]), torch.as_tensor(out["label"]))
     with pytest.raises(ValueError, match="negative width"):
         BoxesToMask((10, 10))([[1, 1, -2, 3]])
@@ -107,9 +111,9 @@ def test_load_label_map_keeps_values_and_orientation(tmp_path):
     labels[4, 0] = 6  # bottom left
     Image.fromarray(labels).save(tmp_path / "l.png")
     out = LoadLabelMapd("label", num_classes=7)({"label": str(tmp_path / "l.png")})["label"]
-    assert out.shape == (1, 5, 7) and out.dtype == torch.int64
-    assert out[0, 0, 6] == 3 and out[0, 4, 0] == 6 and int(out.sum()) == 9
-    assert out.meta["original_size"] == (5, 7)
+    assert out.shape == (1, 7, 5) and out.dtype == torch.int64  # (x, y), as LoadCXR and MONAI's LoadImage
+    assert out[0, 6, 0] == 3 and out[0, 0, 4] == 6 and int(out.sum()) == 9
+    assert out.meta["original_size"] == (7, 5)
     with pytest.raises(ValueError, match="l.png holds class 6, but there are only 4 classes"):
         LoadLabelMap(num_classes=4)(tmp_path / "l.png")
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
@@ -123,11 +127,30 @@ def test_rle_mask_takes_the_reference_image_size(tmp_path, write_dicom):
     path = write_dicom(tmp_path / "x.dcm", np.arange(12 * 10, dtype=np.uint16).reshape(12, 10))
     d = LoadCXRd("image")({"image": str(path), "label": ["3 4", "-1"]})
     out = RLEToMaskd("label", ref_key="image")(d)["label"]
-    assert out.shape == (1, 12, 10)
+    assert out.shape == (1, 10, 12)  # 10 columns (x), 12 rows (y)
     # column-major pixels 3..6: column 0, rows 3 to 6
-    expected = np.zeros((12, 10), np.uint8)
-    expected[3:7, 0] = 1
+    expected = np.zeros((10, 12), np.uint8)
+    expected[0, 3:7] = 1
     assert np.array_equal(out[0].numpy(), expected)
     assert torch.equal(out.affine, d["image"].affine)
     with pytest.raises(ValueError, match="x.dcm"):
         RLEToMaskd("label", ref_key="image")({**d, "label": "200 5"})  # runs past a 12x10 image
+
+
+def test_box_on_the_patients_left_lands_where_loadimage_puts_it(tmp_path):
+    """A box on the image's right (the patient's left on a PA film) of a 256 x 192 PNG: BoxesToMaskd's mask is
+    where MONAI's LoadImage puts the box's bright pixels, and MaskToBoxes gives the box back."""
+    from monai.transforms import LoadImage
+    from PIL import Image
+
+    pixels = np.zeros((192, 256), np.uint8)
+    box = [180, 40, 50, 30]  # x, y, w, h in pixels as viewed
+    pixels[40:70, 180:230] = 255
+    Image.fromarray(pixels).save(tmp_path / "pa.png")
+    d = BoxesToMaskd("boxes", ref_key="image", mask_key="label")(LoadCXRd("image")({"image": str(tmp_path / "pa.png"), "boxes": [box]}))
+    theirs = LoadImage(image_only=True, ensure_channel_first=True)(tmp_path / "pa.png")
+    assert d["label"].shape == theirs.shape == (1, 256, 192)
+    assert np.array_equal(np.asarray(d["label"][0]) > 0, np.asarray(theirs[0]) > 0)
+    assert np.array_equal(np.asarray(d["label"][0]) > 0, np.asarray(d["image"][0]) > 0)
+    assert d["label"][0, 128:].sum() == 50 * 30  # all in the right half of the first axis (x)
+    assert MaskToBoxes()(d["label"]).tolist() == [box]

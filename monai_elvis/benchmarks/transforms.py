@@ -105,7 +105,7 @@ def run_transform_benchmark(
             train_wordpiece_tokenizer(reports, Path(tmp) / "tok", vocab_size=4096)
             tokenizer = str(Path(tmp) / "tok")
         png = Path(tmp) / "rg1.png"
-        image = LoadCXRd(Keys.IMAGE)({Keys.IMAGE: dicom})[Keys.IMAGE][0].numpy()
+        image = LoadCXRd(Keys.IMAGE)({Keys.IMAGE: dicom})[Keys.IMAGE][0].numpy().T  # (x, y) -> as stored
         Image.fromarray((image * 65535).astype(np.uint16)).save(png)
         jpeg = Path(tmp) / "rg1.jpg"  # the MIMIC-CXR-JPG format: 8-bit JPEG
         Image.fromarray((image * 255).astype(np.uint8)).save(jpeg, quality=95)

@@ -94,7 +94,7 @@ def prepare_image(src: str | os.PathLike, dst: str | os.PathLike, size: int = 51
 
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}.")
-    image = LoadCXR(voi_lut=voi_lut)(src)[0].numpy()
+    image = np.ascontiguousarray(LoadCXR(voi_lut=voi_lut)(src)[0].numpy().T)  # (x, y) -> the file's (rows, columns)
     original = (int(image.shape[0]), int(image.shape[1]))
     shape = resized_shape(original, size, side)
     if shape != original:  # box filter = the mean over each output pixel's footprint (area interpolation)

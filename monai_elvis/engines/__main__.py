@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("summary", help="the last evaluation's figures beside chance and goals")
     p.add_argument("metrics", help="eval/metrics.json (or a test_metrics.json)")
     p = sub.add_parser("grounding-figure", help="grounding maps of several phrases on the same images, side by side")
-    p.add_argument("--ckpt-dir", required=True, help="the pre-training run's models folder (model.pt, text_model/)")
+    p.add_argument("--ckpt-dir", required=True, help="the pre-training run's models folder (model.pt, tokenizer/)")
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--phrases", nargs="+", required=True)
     p.add_argument("--out", required=True, help="PNG to write")

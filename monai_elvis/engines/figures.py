@@ -18,7 +18,8 @@ def grounding_maps(config_files: Sequence[str | os.PathLike], images: Sequence[s
 
     ``config_files``: the grounding bundle's ``inference.json`` (and overlays); ``overrides`` are config
     settings (``ckpt_dir``, ...). Returns ``(images [I, S, S], maps [I, P, S, S])`` in ``[0, 1]`` at the
-    network's input size."""
+    network's input size, in MONAI's ``(x, y)`` order as the network sees them (:func:`draw_grounding_figure`
+    shows them as viewed)."""
     from monai.bundle import ConfigParser
 
     from monai_elvis.engines.vlp import prepare_vlp_batch
@@ -28,8 +29,8 @@ def grounding_maps(config_files: Sequence[str | os.PathLike], images: Sequence[s
     parser.read_config([str(f) for f in config_files])
     parser.update(overrides)
     ckpt = Path(parser.get_parsed_content("ckpt_dir")) / "model.pt"
-    if not ckpt.is_file() or not (ckpt.parent / "text_model").is_dir():
-        raise FileNotFoundError(f"no pre-trained model at {ckpt.parent} (model.pt and text_model/): run the "
+    if not ckpt.is_file() or not Path(parser.get_parsed_content("tokenizer_dir")).is_dir():
+        raise FileNotFoundError(f"no pre-trained model at {ckpt.parent} (model.pt and tokenizer/): run the "
                                 "pre-training bundle first, then point --ckpt-dir at its models folder.")  # fmt: skip
     network = parser.get_parsed_content("network")
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
@@ -55,7 +56,10 @@ def grounding_maps(config_files: Sequence[str | os.PathLike], images: Sequence[s
 def draw_grounding_figure(images: np.ndarray, maps: np.ndarray, phrases: Sequence[str], out: str | os.PathLike,
                           titles: Sequence[str] | None = None) -> Path:  # fmt: skip
     """Save a grid: a row per image (the radiograph, then its map for each phrase as an overlay with a colour
-    bar), and the mean correlation between the maps of different phrases of that row in its title."""
+    bar), and the mean correlation between the maps of different phrases of that row in its title.
+
+    ``images [I, W, H]`` and ``maps [I, P, W, H]`` are in MONAI's ``(x, y)`` order; they are transposed for
+    display, so the radiographs appear as viewed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,14 +71,14 @@ def draw_grounding_figure(images: np.ndarray, maps: np.ndarray, phrases: Sequenc
         flat = maps[i].reshape(n_ph, -1)
         corr = np.corrcoef(flat)[np.triu_indices(n_ph, 1)].mean() if n_ph > 1 else float("nan")
         ax = axes[i, 0]
-        ax.imshow(images[i], cmap="gray")
+        ax.imshow(images[i].T, cmap="gray")
         ax.set_title((titles[i] if titles else f"image {i}") + f"\nmap correlation {corr:.2f}", fontsize=8)
         for j in range(n_ph):
             ax = axes[i, j + 1]
-            ax.imshow(images[i], cmap="gray")
-            im = ax.imshow(maps[i, j], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-            peak = np.unravel_index(np.argmax(maps[i, j]), maps[i, j].shape)
-            ax.plot(peak[1], peak[0], "w+", markersize=10, markeredgewidth=2)
+            ax.imshow(images[i].T, cmap="gray")
+            im = ax.imshow(maps[i, j].T, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            peak_x, peak_y = np.unravel_index(np.argmax(maps[i, j]), maps[i, j].shape)
+            ax.plot(peak_x, peak_y, "w+", markersize=10, markeredgewidth=2)
             ax.set_title(f'"{phrases[j]}"', fontsize=8)
         for ax in axes[i]:
             ax.set_xticks([])

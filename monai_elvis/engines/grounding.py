@@ -50,7 +50,7 @@ def phrase_slug(phrase: str, max_length: int = 48) -> str:
 
 
 def heat_colormap(heat: np.ndarray) -> np.ndarray:
-    """A blue-cyan-yellow-red ("jet"-like) colour for each value of a ``[H, W]`` map in ``[0, 1]`` -> ``[H, W, 3]``
+    """A blue-cyan-yellow-red ("jet"-like) colour for each value of a ``[..., N]`` map in ``[0, 1]`` -> ``[..., N, 3]``
     float in ``[0, 1]``."""
     h = np.clip(heat, 0.0, 1.0)[..., None]
     centres = np.array([0.75, 0.5, 0.25])  # red, green, blue
@@ -74,8 +74,10 @@ class GroundingWriter:
     record whose files it wrote again (the same image name and phrase), so that they list every set of files in the
     folder. :attr:`records` holds this run's records only. Paths are written normalised (no ``..`` segments).
 
-    It reads the decollated ``engine.state.output[i][heatmap_key]`` (``[1, H, W]``, in the input image's
-    geometry: put :class:`~monai.transforms.Invertd` before it in the postprocessing) and the phrase from the batch.
+    It reads the decollated ``engine.state.output[i][heatmap_key]`` (``[1, W, H]``, MONAI's ``(x, y)`` order, in the
+    input image's geometry: put :class:`~monai.transforms.Invertd` before it in the postprocessing) and the phrase
+    from the batch. The PNG files are written as the radiograph is viewed (rows top to bottom), like MONAI's
+    ``PILWriter``; the NIfTI map keeps the ``(x, y)`` array.
 
     Args:
         output_dir: created if needed.
@@ -111,7 +113,7 @@ class GroundingWriter:
             self.write(o[self.heatmap_key], str(_item(b[Keys.PHRASE])))
 
     def write(self, heatmap: torch.Tensor, phrase: str) -> dict:
-        """Write the files of one heatmap ``[1, H, W]`` (a MetaTensor naming its source image) and return its record."""
+        """Write the files of one heatmap ``[1, W, H]`` (a MetaTensor naming its source image) and return its record."""
         from PIL import Image
 
         from monai_elvis.transforms import LoadCXR, MaskToBoxes
@@ -122,7 +124,7 @@ class GroundingWriter:
         name = f"{Path(source).stem}_{phrase_slug(phrase)}"
         if self.map_format == "png":
             map_file = self.output_dir / f"{name}_heatmap.png"
-            Image.fromarray(np.round(heat * 65535).astype(np.uint16)).save(map_file)
+            Image.fromarray(np.ascontiguousarray(np.round(heat * 65535).astype(np.uint16).T)).save(map_file)
         else:
             import nibabel as nib
 
@@ -130,7 +132,7 @@ class GroundingWriter:
             nib.save(nib.Nifti1Image(heat.astype(np.float32), np.eye(4)), str(map_file))
         mask = heat >= self.threshold
         mask_file = self.output_dir / f"{name}_mask.png"
-        Image.fromarray((mask * 255).astype(np.uint8)).save(mask_file)
+        Image.fromarray(np.ascontiguousarray((mask * 255).astype(np.uint8).T)).save(mask_file)
         try:
             gray = LoadCXR()(source)[0].numpy()
         except (OSError, ValueError):  # the source is not a readable file (an in-memory image): a plain map
@@ -140,15 +142,15 @@ class GroundingWriter:
                              "preprocessing (Invertd) before writing.")  # fmt: skip
         rgb = (1 - self.alpha) * np.repeat(gray[..., None], 3, -1) + self.alpha * heat_colormap(heat)
         overlay_file = self.output_dir / f"{name}_overlay.png"
-        Image.fromarray(np.round(rgb * 255).clip(0, 255).astype(np.uint8)).save(overlay_file)
+        Image.fromarray(np.ascontiguousarray(np.round(rgb * 255).clip(0, 255).astype(np.uint8).transpose(1, 0, 2))).save(overlay_file)
         boxes = MaskToBoxes()(mask.astype(np.uint8))
         box = None
         if len(boxes):
             areas = boxes[:, 2] * boxes[:, 3]
             box = [float(v) for v in boxes[int(np.argmax(areas))]]
-        peak_r, peak_c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        peak_x, peak_y = np.unravel_index(int(np.argmax(heat)), heat.shape)
         record = {"image": source, "phrase": phrase, "heatmap": str(map_file), "overlay": str(overlay_file),
-                  "mask": str(mask_file), "box": box, "peak": [int(peak_c), int(peak_r)]}  # fmt: skip
+                  "mask": str(mask_file), "box": box, "peak": [int(peak_x), int(peak_y)]}  # fmt: skip
         self.records.append(record)
         return record
 
@@ -185,7 +187,7 @@ class GroundingReportHandler:
     """Grounding metrics per category (and ``"all"``), written as CSV, JSON and Markdown when the evaluator completes.
 
     Each (category, metric) pair accumulates in its own :class:`~monai_elvis.metrics.GroundingMetric`, fed the
-    decollated ``output[pred_key]`` (``[1, H, W]``) and ``output[label_key]`` (``[K, H, W]``, one channel per box).
+    decollated ``output[pred_key]`` (``[1, W, H]``) and ``output[label_key]`` (``[K, W, H]``, one channel per box).
     Items with no scorable box are counted in ``n`` but not in the means (``n_scored``). The value of every item,
     in the evaluator's order, goes to ``{prefix}_items.json`` (``{"category": [N], "metrics": {name: [N]}}``,
     ``None`` where unscored), for paired comparisons and resampling.
@@ -223,7 +225,7 @@ class GroundingReportHandler:
         self.table = []
 
     def update(self, pred: torch.Tensor, label: torch.Tensor, category: str) -> None:
-        """Add one item: ``pred [1, H, W]``, ``label [K, H, W]``."""
+        """Add one item: ``pred [1, W, H]``, ``label [K, W, H]``."""
         self.categories.append(category)
         for cat in (category, "all"):
             self.counts[cat] += 1

@@ -17,17 +17,17 @@ MIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def _prepare(heatmap: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``heatmap [B, (1,) H, W]``, ``mask [B, (K,) H, W]`` -> ``h [B, P]`` (NaN set to 0), ``boxes [B, K, P]`` bool
+    """``heatmap [B, (1,) W, H]``, ``mask [B, (K,) W, H]`` -> ``h [B, P]`` (NaN set to 0), ``boxes [B, K, P]`` bool
     restricted to finite heatmap pixels, ``valid [B, P]`` (the finite pixels)."""
     if heatmap.shape[-2:] != mask.shape[-2:] or heatmap.shape[0] != mask.shape[0]:
-        raise ValueError(f"heatmap {tuple(heatmap.shape)} and mask {tuple(mask.shape)} differ in B, H or W.")
+        raise ValueError(f"heatmap {tuple(heatmap.shape)} and mask {tuple(mask.shape)} differ in B, W or H.")
     # plain tensors: MONAI's MetaTensor would copy its metadata through every operation below
     heatmap, mask = torch.as_tensor(heatmap).as_subclass(torch.Tensor), torch.as_tensor(mask).as_subclass(torch.Tensor)
     b = heatmap.shape[0]
     if heatmap.ndim == 4 and heatmap.shape[1] != 1 or heatmap.ndim not in (3, 4):
-        raise ValueError(f"heatmap must be [B, 1, H, W] or [B, H, W], got {tuple(heatmap.shape)}.")
+        raise ValueError(f"heatmap must be [B, 1, W, H] or [B, W, H], got {tuple(heatmap.shape)}.")
     if mask.ndim not in (3, 4):
-        raise ValueError(f"mask must be [B, K, H, W] (one channel per box) or [B, H, W], got {tuple(mask.shape)}.")
+        raise ValueError(f"mask must be [B, K, W, H] (one channel per box) or [B, W, H], got {tuple(mask.shape)}.")
     h = heatmap.reshape(b, -1).float()
     valid = torch.isfinite(h)
     boxes = mask.reshape(b, mask.shape[1] if mask.ndim == 4 else 1, -1).bool() & valid[:, None]
@@ -51,8 +51,8 @@ def grounding_cnr(heatmap: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) 
     each annotated box, averaged over the boxes of an item (the MS-CXR measure of Boecking et al., "Making the
     Most of Text Semantics to Improve Biomedical Vision-Language Processing", ECCV 2022).
 
-    Shapes: ``heatmap [B, (1,) H, W]``, ``mask [B, K, H, W]`` (one channel per box; all-zero channels pad items
-    with fewer boxes) or ``[B, H, W]`` (one region) -> ``[B]``. Population variances. Non-finite heatmap pixels
+    Shapes: ``heatmap [B, (1,) W, H]``, ``mask [B, K, W, H]`` (one channel per box; all-zero channels pad items
+    with fewer boxes) or ``[B, W, H]`` (one region) -> ``[B]``. Population variances. Non-finite heatmap pixels
     (e.g. NaN padding) belong to neither side.
     """
     h, boxes, valid = _prepare(heatmap, mask)
@@ -80,13 +80,16 @@ def pointing_game(heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def peak_side(heatmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 where the heatmap's maximum lies in the same half of the image (left or right of the vertical midline)
     as the boxes, 0 where it lies in the other half, NaN where the boxes are not all in one half (a finding
-    across the midline, such as cardiomegaly, has no side). -> ``[B]``; chance 0.5."""
+    across the midline, such as cardiomegaly, has no side). -> ``[B]``; chance 0.5.
+
+    The maps are in MONAI's ``(x, y)`` order (``[B, (K,) W, H]``, as :class:`~monai_elvis.transforms.LoadCXR`
+    gives images): left and right of the vertical midline are the two halves of the *first* spatial axis."""
     h, boxes, valid = _prepare(heatmap, mask)
     _check(_scorable(boxes, valid).any(1))
-    width = heatmap.shape[-1]
-    cols = torch.arange(h.shape[1], device=h.device) % width
-    right = cols >= (width + 1) // 2  # the middle column of an odd width belongs to neither half
-    left = cols < width // 2
+    width, height = heatmap.shape[-2], heatmap.shape[-1]
+    xs = torch.arange(h.shape[1], device=h.device) // height  # the x of each pixel of the flattened (x, y) map
+    right = xs >= (width + 1) // 2  # the middle column of an odd width belongs to neither half
+    left = xs < width // 2
     region = boxes.any(1)
     in_left, in_right = (region & left).any(1), (region & right).any(1)
     across = (region & ~left & ~right).any(1) | (in_left & in_right)
@@ -112,8 +115,8 @@ def heatmap_miou(heatmap: torch.Tensor, mask: torch.Tensor, thresholds: Sequence
 class GroundingMetric(ReducedIterationMetric):
     """Grounding quality accumulated over batches: ``metric(y_pred=heatmap, y=mask)``, then ``aggregate()``.
 
-    ``y_pred`` ``[B, 1, H, W]``; ``y`` ``[B, K, H, W]`` (one channel per box) or ``[B, 1, H, W]``; or lists of
-    per-item ``[1, H, W]`` / ``[K, H, W]`` tensors of different sizes (as MONAI's decollated engines give).
+    ``y_pred`` ``[B, 1, W, H]``; ``y`` ``[B, K, W, H]`` (one channel per box) or ``[B, 1, W, H]``; or lists of
+    per-item ``[1, W, H]`` / ``[K, W, H]`` tensors of different sizes (as MONAI's decollated engines give).
 
     Args:
         metric_name: ``"cnr"``, ``"pointing"``, ``"side"`` (:func:`peak_side`), ``"iou"`` or ``"miou"``. An item

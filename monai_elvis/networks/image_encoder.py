@@ -51,8 +51,10 @@ class CXRImageEncoder(nn.Module):
             the regions that show a finding rather than from the absence of normal features elsewhere.
 
     Shapes:
-        input ``[B, in_channels, H, W]`` -> ``(local [B, N, C], global [B, C])`` with ``N = h * w`` the region grid
-        (row-major, ``h = ceil(H / output_stride)``), ``C`` = :attr:`out_channels`. The grid size of the last call is in
+        input ``[B, in_channels, S1, S2]`` -> ``(local [B, N, C], global [B, C])`` with ``N = g1 * g2`` the region
+        grid flattened in the input's axis order (``g1 = ceil(S1 / output_stride)``; for images in MONAI's
+        ``(x, y)`` order, as :class:`~monai_elvis.transforms.LoadCXR` gives them, ``x`` is the slow index),
+        ``C`` = :attr:`out_channels`. The grid size of the last call is in
         :attr:`last_grid_size`; it is also returned by :meth:`forward_with_grid`.
     """
 

@@ -25,6 +25,7 @@ from monai_elvis.transforms.report import (
     RandShuffleSentences,
     RandShuffleSentencesd,
     ReportError,
+    RequirePhrased,
     SplitSentences,
     SplitSentencesd,
     TextToMetad,
@@ -42,7 +43,7 @@ __all__ = [
     "BoxesToMask", "BoxesToMaskd", "LoadLabelMap", "LoadLabelMapd", "MaskToBoxes", "MaskToBoxesd", "RLEToMask", "RLEToMaskd",
     "cxr_augmentation", "cxr_spatial_intensity",
     "ExtractReportSections", "ExtractReportSectionsd", "RandDropSentences", "RandDropSentencesd",
-    "RandShuffleSentences", "RandShuffleSentencesd", "ReportError", "SplitSentences", "SplitSentencesd", "TextToMetad",
+    "RandShuffleSentences", "RandShuffleSentencesd", "ReportError", "RequirePhrased", "SplitSentences", "SplitSentencesd", "TextToMetad",
     "TokenizeReport", "TokenizeReportd", "load_tokenizer", "parse_iu_xray_xml", "parse_report_sections",
     "train_wordpiece_tokenizer",
 ]  # fmt: skip

@@ -1,5 +1,5 @@
-"""Loading chest radiographs (DICOM, PNG, JPEG) into display-oriented float images in [0, 1], and writing label
-maps as palette PNGs."""
+"""Loading chest radiographs (DICOM, PNG, JPEG) into float images in [0, 1] in MONAI's 2D axis order, and writing
+label maps as palette PNGs."""
 
 from __future__ import annotations
 
@@ -61,10 +61,14 @@ def _window(x: np.ndarray, ds: Any) -> np.ndarray:
 
 
 class LoadCXR(Transform):
-    """Load a chest radiograph as a float32 :class:`~monai.data.MetaTensor` ``[1, H, W]`` in ``[0, 1]``.
+    """Load a chest radiograph as a float32 :class:`~monai.data.MetaTensor` ``[1, W, H]`` in ``[0, 1]``.
 
-    Display orientation: the first axis runs top to bottom, the second left to right as stored, so a PA/AP
-    view shows the patient's left on the image's right.
+    Axis order: MONAI's, as its ``LoadImage`` readers give 2D images (``PILReader(reverse_indexing=True)``,
+    ``PydicomReader(swap_ij=True)``): after the channel, the first axis is ``x`` (the image's columns, left to
+    right as displayed) and the second ``y`` (its rows, top to bottom). ``image[0, x, y]`` is the pixel in column
+    ``x`` and row ``y`` of the file, so ``image[0].T`` is the radiograph as viewed: a PA/AP view shows the
+    patient's left on the image's right, at large ``x``. Then MONAI's transforms, MONAI Label's writers and the
+    model zoo's 2D bundles read the arrays the same way.
 
     DICOM (pydicom): the modality LUT (rescale slope/intercept or LUT sequence) is applied, then the VOI LUT or
     the first window when the file has one and ``voi_lut`` is true, then the values are scaled to ``[0, 1]``
@@ -73,9 +77,10 @@ class LoadCXR(Transform):
     PNG/JPEG (Pillow): 8- or 16-bit gray (scaled by 255 or 65535), colour converted to gray.
 
     Metadata (``tensor.meta``): ``filename_or_obj``, ``view_position`` (DICOM ViewPosition, ``""`` when
-    unknown), ``photometric_interpretation``, ``spacing`` (row, column in mm from PixelSpacing or
-    ImagerPixelSpacing; ``(nan, nan)`` when absent or zero), ``original_size`` ``(H, W)``. Every value has the
-    same type for every file, so MONAI's collate can batch the metadata.
+    unknown), ``photometric_interpretation``, ``spacing`` ``(x, y)`` in mm (the column and row spacing: DICOM
+    PixelSpacing or ImagerPixelSpacing reversed, as they are stored row first; ``(nan, nan)`` when absent or
+    zero), ``original_size`` ``(W, H)`` (the loaded spatial shape, in the same order). Every value has the same
+    type for every file, so MONAI's collate can batch the metadata.
 
     Args:
         voi_lut: apply the file's VOI LUT / window (DICOM).
@@ -109,6 +114,7 @@ class LoadCXR(Transform):
             raise CXRLoadError(f"radiograph {path} is not a 2D image: pixel array of shape {array.shape}.")
         if not np.isfinite(array).all():
             raise CXRLoadError(f"radiograph {path} has non-finite pixel values.")
+        array = array.T  # (rows, columns) as stored -> MONAI's (x, y)
         meta.update({"filename_or_obj": str(path), "original_size": tuple(int(s) for s in array.shape)})
         return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None], meta=meta)
 
@@ -146,6 +152,7 @@ class LoadCXR(Transform):
         spacing = _positive_pair(getattr(ds, "PixelSpacing", None)) or _positive_pair(
             getattr(ds, "ImagerPixelSpacing", None)
         ) or UNKNOWN_SPACING
+        spacing = (spacing[1], spacing[0])  # DICOM stores (row spacing, column spacing): (y, x)
         view = str(getattr(ds, "ViewPosition", "") or "")
         return x, {"view_position": view, "photometric_interpretation": photometric, "spacing": spacing}
 
@@ -176,7 +183,7 @@ class LoadCXR(Transform):
 
 
 class LoadCXRd(MapTransform):
-    """Dictionary form of :class:`LoadCXR`: replaces the path under each key by the loaded image."""
+    """Dictionary form of :class:`LoadCXR`: replaces the path under each key by the loaded image ``[1, W, H]``."""
 
     def __init__(self, keys: KeysCollection, voi_lut: bool = True, reader: str = "auto", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -203,7 +210,9 @@ class PaletteLabelWriter(PILWriter):
     expand palettes to RGB (ITK, for one) return the colours instead.
 
     Use as ``SaveImaged(..., output_dtype=numpy.uint8, writer=PaletteLabelWriter)``; the data must be a
-    single-channel ``uint8`` label map.
+    single-channel ``uint8`` label map in MONAI's ``(x, y)`` order (as :class:`LoadCXR` gives images): like
+    MONAI's :class:`~monai.data.PILWriter` it swaps the two axes when writing (``reverse_indexing=True``, the
+    default), so the PNG lines up with the radiograph it was predicted on.
     """
 
     @classmethod

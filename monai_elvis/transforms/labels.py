@@ -1,4 +1,8 @@
-"""Label conversion: SIIM-ACR run-length encodings and boxes to masks, masks to boxes."""
+"""Label conversion: SIIM-ACR run-length encodings and boxes to masks, masks to boxes.
+
+Every array is in MONAI's 2D axis order, as :class:`~monai_elvis.transforms.LoadCXR` gives images: ``[C, W, H]``,
+the first spatial axis ``x`` (columns, left to right as displayed), the second ``y`` (rows, top to bottom). Boxes
+are ``(x, y, w, h)`` in pixels, as MS-CXR and RSNA give them."""
 
 from __future__ import annotations
 
@@ -24,10 +28,10 @@ def _round_half_up(v: float) -> int:
 
 class LoadLabelMap(Transform):
     """Load an integer label map (8- or 16-bit gray PNG, or any single-band image Pillow reads) as a
-    :class:`~monai.data.MetaTensor` ``[1, H, W]`` of ``int64`` class indices, values unchanged.
+    :class:`~monai.data.MetaTensor` ``[1, W, H]`` of ``int64`` class indices, values unchanged.
 
-    The array orientation is the same as :class:`~monai_elvis.transforms.LoadCXR`'s (rows top to bottom), so
-    a label map saved alongside an image stays aligned with it. ``meta["original_size"]`` is ``(H, W)``.
+    The axis order is :class:`~monai_elvis.transforms.LoadCXR`'s (MONAI's ``(x, y)``), so a label map saved
+    alongside an image stays aligned with it. ``meta["original_size"]`` is ``(W, H)``.
 
     Args:
         num_classes: when given, a value ``>= num_classes`` raises ``ValueError`` naming the file (a label map
@@ -58,6 +62,7 @@ class LoadLabelMap(Transform):
             raise ValueError(
                 f"label map {path} holds class {int(arr.max())}, but there are only {self.num_classes} classes."
             )
+        arr = np.ascontiguousarray(arr.T)  # (rows, columns) as stored -> (x, y)
         meta = {"filename_or_obj": str(path), "original_size": tuple(int(v) for v in arr.shape)}
         return MetaTensor(torch.from_numpy(arr)[None], meta=meta)
 
@@ -78,10 +83,12 @@ class LoadLabelMapd(MapTransform):
 
 
 class RLEToMask(Transform):
-    """Decode SIIM-ACR pneumothorax run-length encodings into a ``[1, H, W]`` uint8 mask (1 = pneumothorax).
+    """Decode SIIM-ACR pneumothorax run-length encodings into a ``[1, W, H]`` uint8 mask (1 = pneumothorax), in
+    MONAI's ``(x, y)`` order.
 
     The format is the competition's: pairs ``offset length`` where each offset counts from the end of the
-    previous run, over the pixels in column-major order (the image's transpose, flattened). ``"-1"`` (or an
+    previous run, over the pixels in column-major order (column by column of the displayed image, which is the
+    ``(x, y)`` array flattened). ``"-1"`` (or an
     empty string) is an image without pneumothorax. Several encodings of one image (one per CSV row) are
     merged by union.
 
@@ -119,19 +126,21 @@ class RLEToMask(Transform):
                 )
             for s, e in zip(starts, ends):
                 flat[s:e] = 1
-        return flat.reshape(self.width, self.height).T[None].copy()
+        return flat.reshape(self.width, self.height)[None].copy()
 
 
 class BoxesToMask(Transform):
-    """Paint boxes ``(x, y, w, h)`` given in original pixels into a ``[1, H, W]`` uint8 mask.
+    """Paint boxes ``(x, y, w, h)`` given in original pixels into a ``[1, W, H]`` uint8 mask (MONAI's ``(x, y)``
+    order: ``mask[0, x, y]``).
 
     Args:
-        spatial_size: ``(H, W)`` of the mask.
-        original_size: ``(H, W)`` the boxes refer to; boxes are scaled by ``spatial_size / original_size``
-            (default: no scaling). Box edges are rounded half up to the nearest pixel edge; each box covers the pixel columns
-            ``[x, x + w)`` and rows ``[y, y + h)``, clipped to the image.
-        per_box: one channel per box, ``[K, H, W]`` (one all-zero channel when there is no box), as the
-            per-box grounding metrics take; default: their union ``[1, H, W]``.
+        spatial_size: ``(W, H)`` of the mask.
+        original_size: ``(W, H)`` the boxes refer to; boxes are scaled by ``spatial_size / original_size``
+            (default: no scaling). Box edges are rounded half up to the nearest pixel edge; each box covers
+            ``x`` in ``[x, x + w)`` (the displayed columns) and ``y`` in ``[y, y + h)`` (the rows), clipped to the
+            image.
+        per_box: one channel per box, ``[K, W, H]`` (one all-zero channel when there is no box), as the
+            per-box grounding metrics take; default: their union ``[1, W, H]``.
     """
 
     def __init__(self, spatial_size: Sequence[int], original_size: Sequence[int] | None = None,
@@ -141,10 +150,10 @@ class BoxesToMask(Transform):
         self.per_box = per_box
 
     def __call__(self, boxes: Any) -> np.ndarray:
-        h, w = self.spatial_size
-        sy, sx = h / self.original_size[0], w / self.original_size[1]
+        w, h = self.spatial_size
+        sx, sy = w / self.original_size[0], h / self.original_size[1]
         arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
-        mask = np.zeros((max(len(arr), 1) if self.per_box else 1, h, w), dtype=np.uint8)
+        mask = np.zeros((max(len(arr), 1) if self.per_box else 1, w, h), dtype=np.uint8)
         if not np.isfinite(arr).all():
             raise ValueError(f"boxes must be finite (x, y, w, h) values, got {arr.tolist()}.")
         for k, (x, y, bw, bh) in enumerate(arr):
@@ -152,12 +161,13 @@ class BoxesToMask(Transform):
                 raise ValueError(f"box {(x, y, bw, bh)} has a negative width or height.")
             r0, r1 = max(0, _round_half_up(y * sy)), min(h, _round_half_up((y + bh) * sy))
             c0, c1 = max(0, _round_half_up(x * sx)), min(w, _round_half_up((x + bw) * sx))
-            mask[k if self.per_box else 0, r0:r1, c0:c1] = 1
+            mask[k if self.per_box else 0, c0:c1, r0:r1] = 1
         return mask
 
 
 class MaskToBoxes(Transform):
-    """Boxes ``(x, y, w, h)`` of the connected components of a mask (``[1, H, W]`` or ``[H, W]``).
+    """Boxes ``(x, y, w, h)`` of the connected components of a mask in MONAI's ``(x, y)`` order (``[1, W, H]`` or
+    ``[W, H]``, as :class:`BoxesToMask` paints them; pass the transpose of a displayed ``[H, W]`` array).
 
     Returns a float32 array ``[K, 4]`` ordered by ``(y, x)``; components smaller than ``min_pixels`` are ignored.
     """
@@ -170,15 +180,15 @@ class MaskToBoxes(Transform):
         m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
         if m.ndim == 3:
             if m.shape[0] != 1:
-                raise ValueError(f"mask must have shape [1, H, W] or [H, W], got shape {m.shape}.")
+                raise ValueError(f"mask must have shape [1, W, H] or [W, H], got shape {m.shape}.")
             m = m[0]
         labels, n = ndimage.label(m > 0, structure=self.structure)
         boxes = []
         for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
             if sl is None or (labels[sl] == idx).sum() < self.min_pixels:
                 continue
-            rows, cols = sl
-            boxes.append((cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start))
+            xs, ys = sl
+            boxes.append((xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start))
         boxes.sort(key=lambda b: (b[1], b[0]))
         return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
@@ -188,7 +198,7 @@ class RLEToMaskd(MapTransform):
     ``d[source_key]`` (the image id) when present.
 
     With ``ref_key`` (e.g. ``"image"``, right after :class:`~monai_elvis.transforms.LoadCXRd`), the mask takes
-    the size of ``d[ref_key]`` instead of ``height x width`` and becomes a :class:`~monai.data.MetaTensor` with
+    the size of ``d[ref_key]`` (``[C, W, H]``) instead of ``width x height`` and becomes a :class:`~monai.data.MetaTensor` with
     the reference's affine, so it follows the image through spatial transforms.
     """
 
@@ -206,12 +216,12 @@ class RLEToMaskd(MapTransform):
         if isinstance(source, MetaTensor):
             source = source.meta.get("filename_or_obj", None)
         ref = d[self.ref_key] if self.ref_key else None
-        h, w = (int(ref.shape[-2]), int(ref.shape[-1])) if ref is not None else (self.height, self.width)
+        w, h = (int(ref.shape[-2]), int(ref.shape[-1])) if ref is not None else (self.width, self.height)
         decoder = RLEToMask(h, w)
         for key in self.key_iterator(d):
             mask = decoder(d[key], source=None if source is None else str(source))
             if isinstance(ref, MetaTensor):
-                mask = MetaTensor(torch.from_numpy(mask), affine=ref.affine.clone(), meta={"original_size": (h, w)})
+                mask = MetaTensor(torch.from_numpy(mask), affine=ref.affine.clone(), meta={"original_size": (w, h)})
             d[key] = mask
         return d
 
@@ -222,7 +232,8 @@ class BoxesToMaskd(MapTransform):
 
     Use it right after :class:`~monai_elvis.transforms.LoadCXRd` so the mask then follows the image through
     every spatial transform (give both keys to them). The boxes are in the original pixels
-    (``ref.meta["original_size"]``) and are scaled to the reference's current size; the mask is a
+    (``ref.meta["original_size"]``, ``(W, H)``) and are scaled to the reference's current size ``[C, W, H]``; the
+    mask is a
     :class:`~monai.data.MetaTensor` with the reference's affine.
     """
 

@@ -18,6 +18,7 @@ from monai_elvis.keys import Keys
 
 __all__ = [
     "ReportError",
+    "RequirePhrased",
     "parse_report_sections",
     "parse_iu_xray_xml",
     "ExtractReportSections",
@@ -473,6 +474,45 @@ class TokenizeReportd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d.update(self.transform(d[key], name=str(key)))
+        return d
+
+
+class RequirePhrased(MapTransform):
+    """Check that each key holds a phrase (non-empty text), and strip it; otherwise raise
+    :class:`~monai_elvis.errors.RequestInputError` naming the key, the image and what to give.
+
+    Put it first in a grounding preprocessing: a request without a phrase (MONAI Label's default for the bundle's
+    ``displayable_configs`` is an empty phrase) is then refused with a message, which a MONAI Label server returns as
+    ``400 Bad Request``, before anything is loaded.
+
+    Args:
+        keys: the phrase entries.
+        image_key: named in the message when present.
+        example: an example phrase for the message.
+    """
+
+    def __init__(self, keys: KeysCollection = Keys.PHRASE, image_key: str = Keys.IMAGE,
+                 example: str = "left pleural effusion") -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys=True)
+        self.image_key = image_key
+        self.example = example
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai_elvis.errors import RequestInputError
+
+        d = dict(data)
+        image = d.get(self.image_key)
+        image = getattr(image, "meta", {}).get("filename_or_obj", image) if image is not None else None
+        on = f" for image {image}" if isinstance(image, (str, os.PathLike)) else ""
+        for key in self.keys:
+            value = d.get(key)
+            if not isinstance(value, str) or not value.strip():
+                got = "none" if value is None else f"{value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+                raise RequestInputError(
+                    f"grounding needs a {key!r} parameter: the text to find on the image, e.g. "
+                    f'{{"{key}": "{self.example}"}} (got {got}{on}).'
+                )
+            d[key] = value.strip()
         return d
 
 

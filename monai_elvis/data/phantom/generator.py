@@ -129,7 +129,7 @@ class PhantomGenerator:
         findings = []
         for f, d, m in zip(placed, described, masks):
             label[m] = FINDING_TYPES.index(f.kind) + 1
-            boxes = self._boxes(m).tolist() or ([] if not m.any() else [self._bbox(m)])
+            boxes = self._boxes(m.T).tolist() or ([] if not m.any() else [self._bbox(m)])
             findings.append({
                 "kind": f.kind, "side": f.side, "structure": f.structure, "attributes": f.attributes,
                 "sentence": d["sentence"], "impression": d["impression"], "phrase": d["phrase"],
