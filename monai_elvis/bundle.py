@@ -21,8 +21,8 @@ from typing import Any
 from monai_elvis.errors import InputError, MissingInputError, is_bundle_cli
 from monai_elvis.keys import Keys
 
-__all__ = ["check_arguments", "check_image", "check_phrase", "image_datalist", "grounding_datalist", "parse_flag",
-           "require_pretrained_model", "require_trained_model", "PRETRAIN_COMMAND"]  # fmt: skip
+__all__ = ["check_arguments", "check_image", "check_phrase", "image_datalist", "grounding_datalist", "own_datalist",
+           "parse_flag", "require_pretrained_model", "require_trained_model", "PRETRAIN_COMMAND"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,18 @@ def grounding_datalist(image: str | os.PathLike | None = None, input_dir: str | 
 
 def _missing(paths: Sequence[str | os.PathLike]) -> list[str]:
     return [_norm(p) for p in paths if not os.path.exists(p)]
+
+
+def own_datalist(datalist: Any, prepared: Any = None) -> Any:
+    """The bundle's own datalist (a file, or a datalist an overlay builds), returned as it is, once its data is
+    prepared.
+
+    ``prepared`` is the bundle's ``prepare_data`` (e.g. the phantom written into ``dataset_dir`` on first use): as an
+    argument here it is evaluated only when the bundle's own datalist is read, by ``train#data`` and
+    ``validate#data``. A caller that gives the data itself (MONAI Label overrides ``train#dataset#data`` and
+    ``validate#dataset#data``) reads neither, so nothing is prepared or written: ``initialize`` has no side effect.
+    """
+    return datalist
 
 
 def require_pretrained_model(model_file: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> None:

@@ -1,4 +1,6 @@
-"""A MONAI Label app serving the ELVIS bundles of this repository, used as they are:
+"""A MONAI Label app serving the ELVIS bundles of this repository, used as they are (MONAI Label's stock
+``monaibundle`` app serves them as well; this one takes them from any folder and refuses to start without their
+models):
 
 - ``elvis_cxr_segmentation``: auto-segmentation of the bundle's classes (``channel_def`` of its metadata);
 - ``elvis_grounding``: text-prompted; the request's ``phrase`` parameter selects what to outline, and the
@@ -9,7 +11,7 @@ Start it (in the MONAI Label environment, see README "MONAI Label"):
     monailabel start_server --app monailabel_app --studies /path/to/pngs --conf bundles /path/to/bundles
 
 ``bundles`` is a folder holding the two bundle folders, each with ``models/model.pt`` (and, for grounding,
-``models/text_model/``). It defaults to this repository's ``bundles/``. ``--conf models`` picks a
+``models/tokenizer/``). It defaults to this repository's ``bundles/``. ``--conf models`` picks a
 comma-separated subset.
 """
 

@@ -86,8 +86,9 @@ def write_dicom():
     return _write_dicom
 
 
-PRETRAIN_TINY = dict(phantom_num=40, phantom_size=64, image_size=64, batch_size=8, num_workers=0, val_interval=1,
-                     vocab_size=1000)  # fmt: skip
+# the bundles' own architecture (vocabulary size included): the grounding bundle served by MONAI Label, which takes
+# no overrides, builds its network from its config and must find a model of that architecture
+PRETRAIN_TINY = dict(phantom_num=40, phantom_size=64, image_size=64, batch_size=8, num_workers=0, val_interval=1)
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 

@@ -21,13 +21,12 @@ from monai.bundle import run as bundle_run
 
 from monai_elvis.engines import GroundingReportHandler, phrase_slug
 from monai_elvis.errors import InputError, find_usage_error
-from conftest import PRETRAIN_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "elvis_grounding" / "configs"
 INFER, EVALUATE, LOGGING = str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json"), str(CONFIGS / "logging.conf")
 META = str(CONFIGS / "metadata.json")
-TINY = dict(image_size=64, vocab_size=PRETRAIN_TINY["vocab_size"])  # the tiny pre-training's vocabulary
+TINY = dict(image_size=64)
 
 
 @pytest.fixture(scope="module")

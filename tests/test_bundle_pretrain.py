@@ -77,7 +77,7 @@ def test_two_iterations_per_objective(objective, phantom, tmp_path):
 
 def test_resume_continues_after_the_last_epoch_and_evaluate(phantom, tmp_path):
     _run([TRAIN], tmp_path, phantom, max_epochs=1, epoch_length=2)
-    first = tmp_path / "models" / "checkpoint_iteration=2.pt"  # epoch 1's end
+    first = tmp_path / "models" / "resume" / "checkpoint_iteration=2.pt"  # epoch 1's end (out of models/ itself)
     ckpt = torch.load(first, map_location="cpu", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 2 and ckpt["trainer"]["epoch_length"] == 2  # one epoch done
     events_before = set((tmp_path / "eval").glob("events.out.tfevents.*"))
@@ -91,8 +91,9 @@ def test_resume_continues_after_the_last_epoch_and_evaluate(phantom, tmp_path):
         if "train_loss" in acc.Tags()["scalars"]:
             steps |= {e.step for e in acc.Scalars("train_loss")}
     assert steps == {3, 4}  # the restarted run did only epoch 2: epoch 1 is not repeated
-    assert not first.exists() and (tmp_path / "models" / "checkpoint_iteration=4.pt").exists()
-    ckpt = torch.load(tmp_path / "models" / "checkpoint_iteration=4.pt", map_location="cpu", weights_only=True)
+    assert not first.exists() and (tmp_path / "models" / "resume" / "checkpoint_iteration=4.pt").exists()
+    assert not list((tmp_path / "models").glob("checkpoint*.pt"))  # MONAI Label lists models/*.pt as models
+    ckpt = torch.load(tmp_path / "models" / "resume" / "checkpoint_iteration=4.pt", map_location="cpu", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 4
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["epoch"] == 2
     # evaluate.json on the saved model, on the test split
@@ -109,7 +110,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_starts_over_on_reques
     _run([TRAIN], tmp_path, phantom, max_epochs=1, epoch_length=2)
     models = tmp_path / "models"
     elvis_model = (models / "model.pt").read_bytes()
-    stored = json.loads((models / "run_settings.json").read_text())
+    stored = json.loads((models / "resume" / "run_settings.json").read_text())
     assert stored["objective"]["local_loss"]["target"] == "intra_modal" and stored["data"]["image_size"] == 64
     with pytest.raises(Exception) as info:
         _run([TRAIN, lovt], tmp_path, phantom, max_epochs=2, epoch_length=2)
@@ -119,13 +120,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_starts_over_on_reques
     assert 'objective.local_loss.target: "intra_modal" in the checkpoint\'s run, "spatial" now' in message
     assert "objective.local_loss.temperature: 0.1 in the checkpoint's run, 0.3 now" in message
     assert "--bundle_root" in message and "--resume false" in message and "run_settings.json" in message
-    assert (models / "model.pt").read_bytes() == elvis_model and (models / "checkpoint_iteration=2.pt").is_file()
+    assert (models / "model.pt").read_bytes() == elvis_model and (models / "resume" / "checkpoint_iteration=2.pt").is_file()
     # --resume false (the command line passes the string "false"): the old checkpoint goes, the new objective trains
     _run([TRAIN, lovt], tmp_path, phantom, max_epochs=1, epoch_length=2, resume="false")
-    ckpt = torch.load(models / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(models / "resume" / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 2  # a fresh epoch 1, not the old one
     assert (models / "model.pt").read_bytes() != elvis_model
-    assert json.loads((models / "run_settings.json").read_text())["objective"]["local_loss"]["target"] == "spatial"
+    assert json.loads((models / "resume" / "run_settings.json").read_text())["objective"]["local_loss"]["target"] == "spatial"
 
 
 def test_settings_description_and_differences():

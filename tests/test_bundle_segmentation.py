@@ -247,3 +247,39 @@ def test_ddp_two_gloo_processes(phantom, tmp_path, run_torchrun):
     assert not any(k.startswith("module.") for k in state)
     ElvisUNet(1, 7, "resnet18", 0.125, decoder_channels=(64, 32, 16, 16, 8)).load_state_dict(state)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["epoch"] == 1
+
+
+def test_monai_label_training_path_has_no_side_effects_and_saves_model_pt(phantom, tmp_path, monkeypatch):
+    """What the stock MONAI Label app's BundleTrainTask does, without the server: it runs ``train.json`` from the
+    server's working directory with ``bundle_root``, ``train#dataset#data`` (the labelled images of its datastore),
+    ``validate#dataset#data``, ``train#trainer#max_epochs``, ``device`` and ``train#handlers`` overridden.
+
+    Nothing is written to the working directory (the bundle's own phantom is not rendered), the batch size follows
+    the 2 images given (1 iteration per epoch, not 0), ``models/model.pt`` is saved at the end although no
+    validation ran, and the resume files stay out of ``models/`` (which MONAI Label lists as selectable models)."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "bundles" / "elvis_cxr_segmentation", bundle, ignore=shutil.ignore_patterns("models", "eval"))
+    server_cwd = tmp_path / "server"
+    server_cwd.mkdir()
+    monkeypatch.chdir(server_cwd)
+    entries = json.loads((phantom / "datalist.json").read_text())["training"][:2]
+    labelled = [{"image": str(phantom / e["image"]), "label": str(phantom / e["label"])} for e in entries]
+    config = str(bundle / "configs" / "train.json")
+    handlers = ConfigParser.load_config_file(config)["train"]["handlers"]
+    bundle_run(run_id="run", init_id=None, final_id=None, meta_file=str(bundle / "configs" / "metadata.json"),
+               config_file=config, bundle_root=str(bundle), **{"train#trainer#max_epochs": 2,
+               "train#dataset#data": labelled, "validate#dataset#data": [], "device": "cpu",
+               "train#handlers": handlers}, image_size=64, num_workers=0, cache_rate=0.0)  # fmt: skip
+    assert list(server_cwd.iterdir()) == []  # no phantom, no logs, nothing
+    assert not (bundle / "data").exists()
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.pt", "resume"]
+    assert sorted(p.name for p in (bundle / "models" / "resume").iterdir()) == ["checkpoint_iteration=2.pt",
+                                                                              "run_settings.json"]  # fmt: skip
+    net = ElvisUNet(1, 7, "resnet18", 0.125, decoder_channels=(64, 32, 16, 16, 8))
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
+    resumed = torch.load(bundle / "models" / "resume" / "checkpoint_iteration=2.pt", map_location="cpu",
+                         weights_only=True)  # fmt: skip
+    for name, value in resumed["model"].items():  # the final weights, those of the last checkpoint
+        assert torch.equal(net.state_dict()[name], value), name

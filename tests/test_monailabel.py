@@ -95,7 +95,7 @@ def served_bundles(tmp_path_factory, phantom, pretrained_bundle) -> Path:
                val_interval=1)  # fmt: skip
     (root / "elvis_grounding" / "models").mkdir()
     shutil.copy(pretrained_bundle / "models" / "model.pt", root / "elvis_grounding" / "models" / "model.pt")
-    shutil.copytree(pretrained_bundle / "models" / "text_model", root / "elvis_grounding" / "models" / "text_model")
+    shutil.copytree(pretrained_bundle / "models" / "tokenizer", root / "elvis_grounding" / "models" / "tokenizer")
     return root
 
 

@@ -18,6 +18,7 @@ from monai_elvis.engines.grounding import GroundingReportHandler, GroundingWrite
 from monai_elvis.engines.resume import (
     SETTINGS_FILE,
     DataPosition,
+    FinalModelSaver,
     ResumableSampler,
     ResumeSettingsError,
     attach_resume,
@@ -39,7 +40,7 @@ from monai_elvis.engines.vlp import (
 
 __all__ = [
     "ClampParametersHandler", "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
-    "latest_checkpoint", "prepare_grounding_batch", "prepare_vlp_batch", "save_text_model",
+    "FinalModelSaver", "latest_checkpoint", "prepare_grounding_batch", "prepare_vlp_batch", "save_text_model",
     "GroundingReportHandler", "GroundingWriter", "heat_colormap", "phrase_slug",
     "ChanceLevelHandler", "ItemValuesWriter", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",
     "LEARNING_FIGURES",

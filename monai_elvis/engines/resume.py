@@ -354,3 +354,45 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
                     _save(engine)
 
     return latest
+
+
+class FinalModelSaver:
+    """At the end of training, save the network's plain state dict as ``save_dir/filename`` (``models/model.pt``)
+    unless the validator saved its best model during this run.
+
+    The bundles keep the best validation model as ``model.pt`` (MONAI's ``CheckpointSaver`` with
+    ``save_key_metric``), which only happens when a validation runs. A run without one (no validation data, as
+    when MONAI Label trains on a couple of labelled images, or fewer epochs than ``val_interval``) would otherwise
+    end without any ``model.pt``, or leave the previous run's in place.
+
+    Args:
+        save_dir: the folder of the model file (created if needed).
+        network: the trained module (a DDP wrapper's ``module`` is saved).
+        validator: the evaluator whose ``state.best_metric_epoch`` says whether a best model was saved in this run
+            (``None``: always save).
+        filename: the model file's name.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, network, validator=None, filename: str = "model.pt") -> None:
+        self.save_dir, self.network, self.validator, self.filename = Path(save_dir), network, validator, filename
+        self.saved: Path | None = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine=None) -> None:
+        import torch
+
+        state = getattr(self.validator, "state", None)
+        if state is not None and getattr(state, "best_metric_epoch", -1) > 0:
+            return  # the best validation model of this run is model.pt already
+        net = getattr(self.network, "module", self.network)
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        path = self.save_dir / self.filename
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(net.state_dict(), tmp)
+        os.replace(tmp, path)
+        self.saved = path
+        logger.info("no validation in this run: saved the final weights as %s", path)
