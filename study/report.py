@@ -531,7 +531,7 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
             heatmap_dirs = {o: work / "heatmaps" / o for o in _objectives(records) if (work / "heatmaps" / o).is_dir()}
     pngs = plots(records, out_dir, heatmap_dirs, phrases, items, tables.get("found"), config.get("seg_iterations"))
     tokenizer_note = []
-    if work_dir is not None:  # WordPiece training is not deterministic: say which tokenizer the runs used
+    if work_dir is not None:  # say which tokenizer the runs used (ids differ between tokenizer versions)
         work = Path(work_dir).resolve()
         tokenizer = _tokenizer_dir(work).resolve()
         if tokenizer.is_dir() and tokenizer.is_relative_to(work):  # trained by the study: ship a copy

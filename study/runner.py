@@ -60,8 +60,8 @@ class StudyConfig:
     num_workers: int = 0
     phantom_num: int = 2000
     image_size: int | None = None  # None: the scale overlay's
-    # None: one WordPiece tokenizer trained into <work_dir>/tokenizer. Training one is not deterministic
-    # (tokenizers 0.23, huggingface/tokenizers#1794), so runs that are compared, or repeated, should share one.
+    # None: one WordPiece tokenizer trained into <work_dir>/tokenizer (the same for the same reports, see
+    # train_wordpiece_tokenizer); naming one lets a study repeat runs made with an earlier tokenizer.
     tokenizer_dir: str | None = None
 
     def __post_init__(self) -> None:
