@@ -1,0 +1,118 @@
+"""model-zoo's bundle checks (``ci/verify_bundle.py``) as they apply offline, for every bundle, written with MONAI's
+public API: the files a bundle must and should have, the version in the changelog, the metadata against MONAI's
+schema (``test_bundle_metadata.py``), the inference workflow's required properties, the network's input and output
+shapes from the metadata (``verify_net_in_out``), the TorchScript export (``ckpt_export``) and the pre-commit JSON
+formatting. The trained weights are stand-ins made from ``network_def``, as the zoo's CI makes them.
+
+Bundles whose network cannot be checked that way are listed in :data:`EXCLUDE_VERIFY_SHAPE` and
+:data:`EXCLUDE_TORCHSCRIPT` with the reason, which their docs state too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_in_out
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p.parent.parent for p in (ROOT / "bundles").glob("*/configs/metadata.json"))
+IDS = [b.name for b in BUNDLES]
+
+# networks that take more than an image (ElvisNet: image, input_ids, attention_mask, sentence_index) and return a
+# dict of features: verify_net_in_out feeds one tensor of the metadata's first input
+EXCLUDE_VERIFY_SHAPE = {
+    "elvis_pretrain": "ElvisNet takes an image and a report's tokens and returns a dict of features",
+    "elvis_grounding": "ElvisNet takes an image and the phrase's tokens and returns a dict of features",
+}
+# the text encoder (transformers' BERT) does not script
+EXCLUDE_TORCHSCRIPT = {
+    "elvis_pretrain": "transformers' BERT text encoder cannot be scripted",
+    "elvis_grounding": "transformers' BERT text encoder cannot be scripted",
+}
+# the zoo prefers an inference config; pre-training's product is the encoders, used by the other bundles
+NO_INFERENCE_CONFIG = {"elvis_pretrain": "its model is used by the grounding, segmentation and classification bundles"}
+
+
+def _formatter():
+    spec = importlib.util.spec_from_file_location("format_json", ROOT / ".ci" / "format_json.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=IDS)
+def test_files_version_and_large_files(bundle):
+    for name in ("configs/metadata.json", "LICENSE", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
+        assert (bundle / name).is_file(), f"{bundle.name}: {name} missing"
+    assert (bundle / "configs" / "inference.json").is_file() or bundle.name in NO_INFERENCE_CONFIG
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    large = yaml.safe_load((bundle / "large_files.yml").read_text())
+    paths = [f["path"] for f in large["large_files"]]
+    assert "models/model.pt" in paths and all({"path", "url", "hash_val", "hash_type"} <= set(f) for f in large["large_files"])
+
+
+def test_every_bundle_json_file_is_formatted_as_model_zoo_pre_commit_does():
+    fmt = _formatter()
+    files = fmt.bundle_json_files(ROOT)
+    assert len(files) >= 13
+    assert [str(p.relative_to(ROOT)) for p in files if p.read_text() != fmt.formatted(p.read_text())] == []
+    assert fmt.formatted('{"b": [1, 2], "a": "é"}') == '{\n    "b": [\n        1,\n        2\n    ],\n    "a": "\\u00e9"\n}\n'
+
+
+def _with_stand_in_weights(bundle: Path, tmp_path: Path) -> Path:
+    """A copy of the bundle with ``models/model.pt`` made from its ``network_def`` (and, for grounding, a tokenizer)."""
+    from monai_elvis.transforms import train_wordpiece_tokenizer
+
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("models", "eval"))
+    parser = ConfigParser()
+    parser.read_config(str(copy / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(copy)})
+    (copy / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), copy / "models" / "model.pt")
+    if bundle.name == "elvis_grounding":
+        train_wordpiece_tokenizer(["left pleural effusion", "right upper lobe nodule"], copy / "models" / "tokenizer",
+                                  vocab_size=100)  # fmt: skip
+    return copy
+
+
+INFERENCE = [b for b in BUNDLES if b.name not in NO_INFERENCE_CONFIG]
+
+
+@pytest.mark.parametrize("bundle", INFERENCE, ids=[b.name for b in INFERENCE])
+def test_inference_properties_shapes_and_export(bundle, tmp_path, phantom):
+    copy = _with_stand_in_weights(bundle, tmp_path)
+    configs = copy / "configs"
+    args = dict(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"),
+                bundle_root=str(copy), image=str(phantom / "images" / "phantom_00000.png"))  # fmt: skip
+    if bundle.name == "elvis_grounding":
+        args["phrase"] = "left pleural effusion"
+    workflow = ConfigWorkflow(workflow_type="infer", **args)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    if bundle.name in EXCLUDE_VERIFY_SHAPE:
+        assert "TorchScript is not supported" in (bundle / "docs" / "README.md").read_text()
+        return
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "inference.json"), bundle_root=str(copy))  # fmt: skip
+    ts = copy / "models" / "verify_model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(copy / "models" / "model.pt"),
+                meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.json"),
+                bundle_root=str(copy))  # fmt: skip
+    scripted = torch.jit.load(str(ts))
+    parser = ConfigParser()
+    parser.read_config(str(configs / "inference.json"))
+    parser.update({"bundle_root": str(copy)})
+    eager = parser.get_parsed_content("network_def")
+    eager.load_state_dict(torch.load(copy / "models" / "model.pt", weights_only=True))
+    x = torch.rand(1, 1, 128, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted.eval()(x), eager.eval()(x))
