@@ -416,19 +416,43 @@ def test_bad_input_errors_name_tensor_and_shape():
         ElvisLoss(global_weight=0.0)
 
 
-def test_gloria_chunking_does_not_change_the_result():
-    from monai_elvis.losses import gloria_pair_similarity
+@pytest.mark.parametrize("form", ["code", "paper"])
+@pytest.mark.parametrize("n_regions,dim,blocks", [(4, 6, False), (4, 6, True), (9, 4, False)],
+                         ids=["gram", "gram-symmetric-blocks", "context"])  # fmt: skip
+def test_gloria_word_region_context_gradcheck(form, n_regions, dim, blocks, monkeypatch):
+    """The hand-written backward of ``_WordRegionContext`` against finite differences, float64."""
+    from monai_elvis.losses import gloria
 
-    torch.manual_seed(6)
-    words, regions = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
-    mask = torch.rand(4, 6) > 0.3
-    mask[:, 0] = True
-    for form in ("paper", "code"):
-        whole = gloria_pair_similarity(words, regions, mask, form=form)
-        for max_elements in (1, 13, 50):
-            chunked = gloria_pair_similarity(words, regions, mask, max_pair_elements=max_elements, form=form)
-            assert torch.allclose(chunked, whole)
-        assert whole.shape == (3, 4)
+    if blocks:  # the 3 x 3 block split of the symmetric products, on a grid small enough for gradcheck
+        monkeypatch.setattr(gloria, "_SYMMETRIC_BLOCK_MIN", 3)
+    torch.manual_seed(7)
+    words = torch.randn(5, dim, dtype=torch.float64, requires_grad=True)  # two reports: rows 0-1 and 2-4
+    regions = torch.randn(2, n_regions, dim, dtype=torch.float64, requires_grad=True)
+    bounds = ((0, 2), (2, 5))
+
+    def fn(w, v):
+        return gloria._WordRegionContext.apply(w, v, bounds, gloria.GloriaForm(form), 4.0)
+
+    assert torch.autograd.gradcheck(fn, (words, regions))
+    # and the values are the plain per-pair contexts
+    dot, csq = fn(words, regions)
+    for i in range(2):
+        for start, end in bounds:
+            s = words[start:end] @ regions[i].T  # [T, N]
+            x = torch.softmax(s, dim=0) if form == "code" else s
+            c = torch.softmax(4.0 * x, dim=1) @ regions[i]  # [T, d]
+            assert torch.allclose(dot[start:end, i], (c * words[start:end]).sum(1))
+            assert torch.allclose(csq[start:end, i], (c * c).sum(1))
+
+
+def test_gloria_symmetric_product_blocks():
+    from monai_elvis.losses.gloria import _SYMMETRIC_BLOCK_MIN, _symmetric_bmm
+
+    torch.manual_seed(8)
+    v = torch.randn(2, _SYMMETRIC_BLOCK_MIN + 7, 5, dtype=torch.float64)  # blocks of unequal size
+    e = torch.randn(2, 1, 5, dtype=torch.float64)  # A^T diag(e) A with A = v^T
+    assert torch.allclose(_symmetric_bmm(v, v.transpose(1, 2)), v @ v.transpose(1, 2))
+    assert torch.allclose(_symmetric_bmm(v, (v * e).transpose(1, 2)), v @ (v * e).transpose(1, 2))
 
 
 def test_elvis_loss_passes_detached_attention_pooling_weights_and_reports_every_direction():

@@ -3,8 +3,6 @@ image-report pair of a batch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from monai.utils import StrEnum
@@ -14,6 +12,8 @@ from monai_elvis.losses.distributed import distributed_world, gather_across_rank
 from monai_elvis.utils import check_batch, check_mask, check_ndim, check_option, plain_tensor, zero_padding
 
 __all__ = ["GloriaForm", "WordUnit", "GloriaLocalLoss", "gloria_pair_similarity"]
+
+_SYMMETRIC_BLOCK_MIN = 192  # regions from which a symmetric product is worth splitting into blocks
 
 
 class GloriaForm(StrEnum):
@@ -44,108 +44,147 @@ class WordUnit(StrEnum):
     WHOLE_WORD = "whole_word"
 
 
-class _SymmetricGram(torch.autograd.Function):
-    """``G = V V^T`` per batch item, with the backward ``dV = (dG + dG^T) V`` in one product."""
+def _symmetric_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` per batch item for a product known to be symmetric (``V V^T``, ``A^T diag(e) A``). From
+    :data:`_SYMMETRIC_BLOCK_MIN` rows on, only the blocks on and above the diagonal of a 3 x 3 block split are
+    multiplied (2/3 of the work); those below are their transposes.
 
-    @staticmethod
-    def forward(ctx, v: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(v)
-        return torch.bmm(v, v.transpose(1, 2))
+    Shapes: ``x [B, N, K]``, ``y [B, K, N]`` -> ``[B, N, N]``.
+    """
+    n = x.shape[1]
+    if n < _SYMMETRIC_BLOCK_MIN:
+        return torch.bmm(x, y)
+    out = x.new_empty(x.shape[0], n, n)
+    edges = [round(i * n / 3) for i in range(4)]
+    for i in range(3):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, 3):
+            cols = slice(edges[j], edges[j + 1])
+            torch.bmm(x[:, rows], y[:, :, cols], out=out[:, rows, cols])
+            if j > i:
+                out[:, cols, rows] = out[:, rows, cols].transpose(1, 2)
+    return out
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (v,) = ctx.saved_tensors
-        return torch.bmm(grad + grad.transpose(1, 2), v)
+
+def _rowwise_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum_r x y`` over the last dimension, as a batched matrix product (no product tensor is allocated).
+
+    Shapes: ``x [..., N]``, ``y [..., N]`` (both contiguous) -> ``[...]``.
+    """
+    n = x.shape[-1]
+    return torch.bmm(x.reshape(-1, 1, n), y.reshape(-1, n, 1)).view(x.shape[:-1])
+
+
+def _report_attention_logits(s: torch.Tensor, bounds: tuple[tuple[int, int], ...], form: GloriaForm, scale: float):
+    """Yield ``(start, end, x)`` per report: ``x = scale * softmax over the report's words of s`` (``"code"``) or
+    ``scale * s`` (``"paper"``), the logits of the softmax over regions, in one reused buffer of the largest
+    report's size (so that no tensor of the size of ``s`` is allocated).
+
+    Shapes: ``s [K, Bi N]`` -> ``x [end - start, Bi N]``.
+    """
+    longest = max(end - start for start, end in bounds)
+    buffer = s.new_empty(longest, s.shape[1])
+    for start, end in bounds:
+        x = buffer[: end - start]
+        if form == GloriaForm.CODE:
+            torch.softmax(s[start:end], dim=0, out=x)
+            x.mul_(scale)
+        else:
+            torch.mul(s[start:end], scale, out=x)
+        yield start, end, x
 
 
 class _WordRegionContext(torch.autograd.Function):
     """For every word ``k`` (rows of ``words``, the words of each report contiguous) and image ``i``:
     ``dot_ki = <c_ki, w_k>`` and ``csq_ki = |c_ki|^2`` of the word's region context ``c_ki = sum_r a_kir v_ir``.
 
-    ``s_kir = <w_k, v_ir>`` for all pairs comes from one matrix product; ``a_kir = softmax_r(scale * x_kir)`` with
-    ``x = softmax over the report's words of s`` (``bounds`` given: GLoRIA's code) or ``x = s`` (the paper).
-    ``<c, w> = sum_r a s`` reuses the scores; ``|c|^2 = a^T G_i a`` with the region Gram matrix ``G_i`` when it is
-    given (fewer regions than channels), else ``|sum_r a v|^2``. The backward is written out, so that only the
-    unavoidable products run: the scores' two, and two of the size of ``a G``.
+    - ``s_kir = <w_k, v_ir>`` for all pairs: one matrix product ``[K, d] @ [d, Bi N]``.
+    - ``a_kir = softmax_r(scale * x_kir)`` with ``x`` the softmax of ``s`` over each report's words (``form="code"``)
+      or ``x = s`` (``form="paper"``).
+    - ``<c, w> = sum_r a s`` reuses the scores.
+    - With fewer regions than channels (``N <= d``): ``|c|^2 = sum_r a q`` with ``q = a G_i`` and the region Gram
+      matrix ``G_i = V_i V_i^T``; ``q`` is kept, so that ``d|c|^2 / da = 2 q`` costs no product. Otherwise ``q = c``
+      (the contexts, ``[Bi, K, d]``).
 
-    Shapes: ``words [K, d]``, ``regions [Bi, N, d]``, ``gram [Bi, N, N]`` or ``None`` -> ``([K, Bi], [K, Bi])``.
+    The backward is written out so that only these matrix products run: the scores' two (``dW = dS V``,
+    ``dV = dS^T W``), ``dG_i = a^T diag(d|c|^2) a`` and ``dV += 2 dG V`` (``G`` and ``dG`` symmetric:
+    :func:`_symmetric_bmm`). The softmax over regions uses ``sum_r a da = d_dot <c, w> + 2 d_csq |c|^2`` instead of
+    a reduction. Three ``[K, Bi N]`` tensors are kept for the backward (``s``, ``a``, ``q``) and one more is
+    allocated in it; ``x`` is recomputed one report at a time (:func:`_report_attention_logits`). Nothing else of
+    that size is allocated: on CPU each fresh tensor that size costs about as much as a pass over it in page
+    faults.
+
+    Shapes: ``words [K, d]``, ``regions [Bi, N, d]``, ``bounds``: ``(start, end)`` rows of each report with words
+    -> ``([K, Bi], [K, Bi])``.
     """
 
     @staticmethod
-    def forward(ctx, words, regions, gram, bounds, scale):
+    def forward(ctx, words, regions, bounds, form, scale):
         k, d = words.shape
         bi, nr, _ = regions.shape
-        s = words @ regions.reshape(bi * nr, d).T  # [K, Bi * N]
-        p = None
-        if bounds is not None:  # softmax over the words of each report, for every (image, region)
-            p = torch.empty_like(s)
-            for start, end in bounds:
-                p[start:end] = torch.softmax(s[start:end], dim=0)
-            a = (p * scale).view(k, bi, nr).exp_()  # logits in [0, scale]: no shift needed
-        else:
-            a = (s * scale).view(k, bi, nr)
-            a = a.sub_(a.amax(dim=2, keepdim=True)).exp_()
-        a = a.div_(a.sum(dim=2, keepdim=True))  # softmax over regions, in place: [K, Bi, N]
+        flat_regions = regions.reshape(bi * nr, d)
+        s = words @ flat_regions.T  # [K, Bi * N]
         s3 = s.view(k, bi, nr)
-        at = a.transpose(0, 1)  # [Bi, K, N]
-        scratch = torch.empty(k * bi * nr, dtype=s.dtype, device=s.device)
-        dot = torch.mul(a, s3, out=scratch.view(k, bi, nr)).sum(2)  # [K, Bi]
-        if gram is not None:
-            q = torch.bmm(at, gram)  # a G: [Bi, K, N]
-            csq = torch.mul(q, at, out=scratch.view(bi, k, nr)).sum(2).T
+        a = torch.empty_like(s3)
+        for start, end, x in _report_attention_logits(s, bounds, form, scale):
+            torch.softmax(x.view(end - start, bi, nr), dim=2, out=a[start:end])  # [K, Bi, N]
+        dot = _rowwise_dot(a, s3)  # [K, Bi]
+        gram = None
+        if nr <= d:
+            gram = _symmetric_bmm(regions, regions.transpose(1, 2))  # [Bi, N, N]
+            q = torch.empty_like(a)
+            torch.bmm(a.transpose(0, 1), gram, out=q.transpose(0, 1))  # a G: [K, Bi, N]
+            csq = _rowwise_dot(q, a)
         else:
-            q = torch.bmm(at, regions)  # the contexts c: [Bi, K, d]
+            q = torch.bmm(a.transpose(0, 1), regions)  # the contexts c: [Bi, K, d]
             csq = q.pow(2).sum(2).T
-        ctx.save_for_backward(words, regions, s, p, a, q)
-        ctx.bounds, ctx.scale, ctx.use_gram = bounds, scale, gram is not None
+        ctx.save_for_backward(words, regions, s, a, q, dot, csq)
+        ctx.bounds, ctx.form, ctx.scale, ctx.use_gram = bounds, form, scale, gram is not None
         return dot, csq
 
     @staticmethod
     def backward(ctx, d_dot, d_csq):
-        words, regions, s, p, a, q = ctx.saved_tensors
+        words, regions, s, a, q, dot, csq = ctx.saved_tensors
         k, bi, nr = a.shape
         d = words.shape[1]
-        d_dot = d_dot.unsqueeze(2)
-        d_csq = d_csq.T.unsqueeze(2)  # [Bi, K, 1]
-        at = a.transpose(0, 1)
-        da = s.view(k, bi, nr) * d_dot
-        scratch = torch.empty(k * bi * nr, dtype=s.dtype, device=s.device)
+        scale = ctx.scale
+        # sum_r a da with da = d_dot s + d_csq d|c|^2/da: d_dot <c, w> + 2 d_csq |c|^2
+        mean = torch.addcmul(d_dot * dot, d_csq, csq, value=2.0).unsqueeze(2)
+        d_dot, d_csq = d_dot.unsqueeze(2), d_csq.unsqueeze(2)  # [K, Bi, 1]
+        u = torch.empty_like(a)  # the backward's one tensor of the scores' size; first a diag(d|c|^2)
         d_gram = d_regions_ctx = None
-        if ctx.use_gram:  # d|c|^2 / da = 2 G a = 2 q; d|c|^2 / dG = a a^T
-            da.addcmul_(q.transpose(0, 1), d_csq.transpose(0, 1), value=2.0)
-            d_gram = torch.bmm(at.transpose(1, 2), torch.mul(at, d_csq, out=scratch.view(bi, k, nr)))
+        if ctx.use_gram:  # d|c|^2 / dG = a a^T
+            torch.mul(a, d_csq, out=u)
+            d_gram = _symmetric_bmm(a.permute(1, 2, 0), u.transpose(0, 1))  # [Bi, N, N]
+        torch.addcmul(mean.neg_(), s.view(k, bi, nr), d_dot, out=u)  # da - mean, the scores' part
+        if ctx.use_gram:  # d|c|^2 / da = 2 G a = 2 q
+            u.addcmul_(q, d_csq, value=2.0)
         else:  # d|c|^2 / da = 2 V c, d|c|^2 / dV = 2 a c^T
-            gc = q * (2 * d_csq)  # [Bi, K, d]
-            da += torch.bmm(gc, regions.transpose(1, 2)).transpose(0, 1)
-            d_regions_ctx = torch.bmm(at.transpose(1, 2), gc)  # [Bi, N, d]
-        # through the softmax over regions, in place: dx = scale * a * (da - sum_r a da)
-        mean = torch.mul(a, da, out=scratch.view(k, bi, nr)).sum(2, keepdim=True)
-        dx = da.sub_(mean).mul_(a).mul_(ctx.scale).view(k, bi * nr)
-        if ctx.bounds is not None:  # through the softmax over each report's words, in place
-            flat = scratch.view(k, bi * nr)
-            for start, end in ctx.bounds:
-                ps, xs = p[start:end], dx[start:end]
-                xs.sub_(torch.mul(ps, xs, out=flat[start:end]).sum(0, keepdim=True)).mul_(ps)
-        ds = dx
-        ds.view(k, bi, nr).addcmul_(a, d_dot)  # <c, w> = sum_r a s
-        d_words = ds @ regions.reshape(bi * nr, d)
+            gc = q * (2 * d_csq.transpose(0, 1))  # [Bi, K, d]
+            u += torch.bmm(gc, regions.transpose(1, 2)).transpose(0, 1)
+            d_regions_ctx = torch.bmm(a.permute(1, 2, 0), gc)  # [Bi, N, d]
+        u.mul_(a)  # through the softmax over regions: dL/dx = scale * u
+        if ctx.form == GloriaForm.CODE:  # through the softmax over each report's words, x = scale p recomputed:
+            flat = u.view(k, bi * nr)  # ds = scale * p (u - sum_k p u)
+            for start, end, x in _report_attention_logits(s, ctx.bounds, ctx.form, scale):
+                us = flat[start:end]
+                us.sub_(torch.linalg.vecdot(x, us, dim=0), alpha=1.0 / scale).mul_(x)
+            ds = u.addcmul_(a, d_dot).view(k, bi * nr)  # + a d_dot: <c, w> = sum_r a s
+            grad_scale = 1.0
+        else:  # ds = scale * u + a d_dot, the factor scale applied to the two products' results
+            ds = u.addcmul_(a, d_dot, value=1.0 / scale).view(k, bi * nr)
+            grad_scale = scale
+        flat_regions = regions.reshape(bi * nr, d)
+        d_words = ds @ flat_regions
         d_regions = (ds.T @ words).view(bi, nr, d)
-        if d_regions_ctx is not None:
+        if grad_scale != 1.0:
+            d_words.mul_(grad_scale)
+            d_regions.mul_(grad_scale)
+        if d_gram is not None:  # through G = V V^T: dV = (dG + dG^T) V = 2 dG V (dG is symmetric)
+            d_regions.baddbmm_(d_gram, regions, alpha=2.0)
+        else:
             d_regions += d_regions_ctx
-        return d_words, d_regions, d_gram, None, None
-
-
-def _report_chunks(counts: Sequence[int], per_word: int, max_pair_elements: int) -> list[tuple[int, int]]:
-    """Consecutive reports grouped into chunks of at most ``max_pair_elements`` scores (at least one report);
-    returns ``(first report, end report)`` pairs."""
-    chunks, start, size = [], 0, 0
-    for j, c in enumerate(counts):
-        if j > start and (size + c) * per_word > max_pair_elements:
-            chunks.append((start, j))
-            start, size = j, 0
-        size += c
-    chunks.append((start, len(counts)))
-    return chunks
+        return d_words, d_regions, None, None, None
 
 
 def gloria_pair_similarity(
@@ -155,7 +194,6 @@ def gloria_pair_similarity(
     attention_scale: float = 4.0,
     word_scale: float = 5.0,
     eps: float = 1e-8,
-    max_pair_elements: int = 2**22,
     form: GloriaForm | str = GloriaForm.PAPER,
 ) -> torch.Tensor:
     """Local similarity ``R(report_j, image_i)`` of every pair.
@@ -169,8 +207,8 @@ def gloria_pair_similarity(
     code's ``<c, w> / max(|c| |w|, eps)``.
 
     Every real word of the batch is scored against every image in one matrix product (padded words are not
-    scored) and ``c_k`` is never materialised (see :class:`_WordRegionContext`). Reports are taken in chunks of at
-    most ``max_pair_elements`` word-region scores.
+    scored) and ``c_k`` is never materialised (see :class:`_WordRegionContext`). Memory: four float tensors of
+    ``K x Bi x N`` (``K`` the batch's real words) at the peak of the backward.
 
     Shapes: ``words [Bt, T, d]``, ``regions [Bi, N, d]``, ``word_mask [Bt, T]`` -> ``[Bi, Bt]``.
     """
@@ -183,17 +221,8 @@ def gloria_pair_similarity(
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
-    gram = _SymmetricGram.apply(regions) if nr <= d else None
-    dots, csqs = [], []
-    for first, end in _report_chunks(counts, bi * nr, max_pair_elements):
-        lo = offsets[first]
-        bounds = None
-        if form == GloriaForm.CODE:
-            bounds = tuple((offsets[j] - lo, offsets[j + 1] - lo) for j in range(first, end) if counts[j])
-        dot, csq = _WordRegionContext.apply(flat[lo : offsets[end]], regions, gram, bounds, float(attention_scale))
-        dots.append(dot)
-        csqs.append(csq)
-    dot, csq = torch.cat(dots), torch.cat(csqs)  # [K, Bi]
+    bounds = tuple((offsets[j], offsets[j + 1]) for j in range(bt) if counts[j])
+    dot, csq = _WordRegionContext.apply(flat, regions, bounds, form, float(attention_scale))  # [K, Bi]
     word_norm = flat.norm(dim=1, keepdim=True)
     if form == GloriaForm.CODE:
         z = dot / (csq.clamp_min(eps * eps).sqrt() * word_norm).clamp_min(eps)
