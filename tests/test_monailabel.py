@@ -52,6 +52,20 @@ def monailabel_python():
     return PYTHON
 
 
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server started in its own process group, and everything it started: SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,14 +188,5 @@ def test_server_lists_and_runs_both_models(monailabel_python, served_bundles, ph
         with pytest.raises(AssertionError, match="HTTP 400: .*needs a .*phrase.* parameter"):
             _infer(base, "elvis_grounding", target["id"])
     finally:  # stop the server and everything it started, whatever happened
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(server.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                server.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_server(server)
         log.close()

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_monailabel import ROOT, _free_port, _get, _infer, monailabel_python, served_bundles  # noqa: F401
+from test_monailabel import ROOT, _free_port, _get, _infer, monailabel_python, served_bundles, stop_server  # noqa: F401
 
 BUNDLES = ("elvis_cxr_segmentation", "elvis_grounding")
 PHRASES = ("moderate left pleural effusion", "right upper lobe nodule", "enlarged cardiac silhouette",
@@ -141,14 +141,5 @@ def test_stock_monaibundle_app_serves_both_bundles(monailabel_python, served_bun
         assert _get(f"{base}/info/")["models"].keys() == models.keys()  # the server is still up
         assert list(server_cwd.iterdir()) == [] or all(p.name in ("logs",) for p in server_cwd.iterdir())
     finally:  # stop the server and everything it started, whatever happened
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(server.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                server.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_server(server)
         log.close()
