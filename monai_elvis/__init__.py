@@ -15,12 +15,16 @@ Sub-packages:
 - :mod:`monai_elvis.errors`: errors that say what to do (:class:`~monai_elvis.errors.UsageError`).
 
 Under ``python -m monai.bundle`` a :class:`~monai_elvis.errors.UsageError` is printed as its message, without the
-traceback (``MONAI_ELVIS_TRACEBACK=1`` shows it); nothing changes in any other process.
+traceback (``MONAI_ELVIS_TRACEBACK=1`` shows it), and MONAI's empty input-summary block and ignite's "resuming from
+iteration 0" of a fresh run are left out of the log (:mod:`monai_elvis.runner_logs`); nothing changes in any other
+process.
 """
 
 from monai_elvis import bundle, errors
 from monai_elvis.errors import install_bundle_excepthook as _install_bundle_excepthook
+from monai_elvis.runner_logs import install_runner_log_filters as _install_runner_log_filters
 
 __version__ = "0.1.0"
 
-_install_bundle_excepthook()
+if _install_bundle_excepthook():
+    _install_runner_log_filters()

@@ -172,3 +172,39 @@ def test_an_engine_logs_a_usage_error_without_its_traceback():
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "Exception: %s", (other,), (ValueError, other, None))
     assert ShortUsageErrorLogs().filter(record) and record.exc_info is not None  # other errors keep their traceback
     assert issubclass(CXRLoadError, UsageError) and issubclass(BadSampleLimitError, UsageError)
+
+
+def _logged(filter_: logging.Filter, messages: list[str], name: str = "monai_elvis.test.runner_logs") -> list[str]:
+    """The messages that reach a handler of a fresh logger carrying ``filter_``, in order."""
+    log = logging.getLogger(name)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log.addHandler(handler)
+    log.addFilter(filter_)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        for m in messages:
+            log.info(m)
+    finally:
+        log.removeHandler(handler)
+        log.removeFilter(filter_)
+    return seen
+
+
+def test_an_empty_input_summary_block_is_left_out_and_one_with_arguments_is_kept_in_order():
+    from monai_elvis.runner_logs import EmptyInputSummaryFilter
+
+    header, closing = "--- input summary of monai.bundle.scripts.run ---", "---\n\n"
+    assert _logged(EmptyInputSummaryFilter(), ["before", header, closing, "after"]) == ["before", "after"]
+    block = [header, "> bundle_root: /tmp/x", "> max_epochs: 2", closing]
+    assert _logged(EmptyInputSummaryFilter(), ["before", *block, "after"]) == ["before", *block, "after"]
+
+
+def test_ignite_resuming_from_iteration_0_is_left_out_and_a_real_resume_is_kept():
+    from monai_elvis.runner_logs import FreshRunResumeFilter
+
+    fresh = "Engine run resuming from iteration 0, epoch 0 until 30 epochs"
+    resumed = "Engine run resuming from iteration 100, epoch 2 until 30 epochs"
+    assert _logged(FreshRunResumeFilter(), [fresh, "Epoch[1] Complete.", resumed]) == ["Epoch[1] Complete.", resumed]

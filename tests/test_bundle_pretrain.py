@@ -176,3 +176,26 @@ def test_bad_samples_are_skipped_up_to_the_limit(phantom, tmp_path):
     assert limit, chain
     assert re.search(r"1 bad samples, more than max_skips=0; the last, .*phantom_\d+\.png: CXRLoadError: cannot read",
                      str(limit[0]))
+
+
+def test_a_default_command_line_run_logs_no_empty_summary_and_no_fresh_resume(phantom, tmp_path):
+    """``python -m monai.bundle run`` given only config files (as the README's command): MONAI's empty
+    ``--- input summary`` block and ignite's ``resuming from iteration 0`` are not in the console, the run's own
+    lines are."""
+    import os
+    import subprocess
+    import sys
+
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps({"bundle_root": str(tmp_path / "run"), "dataset_dir": str(phantom), **TINY,
+                                   "max_epochs": 1, "epoch_length": 2}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"['{TRAIN}','{overlay}']"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "input summary" not in out
+    assert "resuming from iteration 0" not in out
+    assert "Writing model shards" not in out
+    for line in ("Epoch[1] Complete", "Train completed, saved final checkpoint", "val_zero_shot_auc", "summary of"):
+        assert line in out, line

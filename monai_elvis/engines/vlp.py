@@ -232,11 +232,19 @@ def ensure_tokenizer(folder: str | os.PathLike, datalist: str | os.PathLike, voc
 
 def save_text_model(network: nn.Module, tokenizer: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Save the network's text encoder (``save_pretrained``) and the tokenizer into ``folder``, so that
-    ``ReportTextEncoder(folder)`` and ``AutoTokenizer.from_pretrained(folder)`` load them."""
+    ``ReportTextEncoder(folder)`` and ``AutoTokenizer.from_pretrained(folder)`` load them. transformers' progress
+    bar over the weight shards (one shard here) is switched off while it saves."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     text_encoder = getattr(network, "text_encoder", None)
     if text_encoder is None:
         raise ValueError(f"{type(network).__name__} has no text_encoder to save.")
-    text_encoder.save_pretrained(folder)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        text_encoder.save_pretrained(folder)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(folder))
