@@ -45,11 +45,21 @@ def _spawn(fn, *args) -> None:
 
 
 def _entry(rank: int, fn, port: int, *args) -> None:
+    """One rank: ``fn``, then a barrier, so that no rank tears its process group down while another still works,
+    and a garbage collection, so that what ``fn`` built around the group (DDP's reducer, the trainer's handler
+    cycles) is freed while the interpreter is whole, before the group goes. A rank that aborts (a C++ ``terminate``)
+    prints where it was (``faulthandler``)."""
+    import faulthandler
+    import gc
+
+    faulthandler.enable()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         fn(rank, *args)
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

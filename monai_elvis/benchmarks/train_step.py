@@ -4,6 +4,7 @@ cross-sample losses."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -164,6 +165,8 @@ def _rank_worker(rank: int, port: int, world_size: int, scales, steps: int, batc
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         records = [_time_scale(name, files, tok, steps, batch, rank, world_size) for name in scales]
+        gc.collect()  # the DDP reducers built around the group go while the interpreter is whole
+        dist.barrier()  # and no rank tears the group down while another still works
     finally:
         dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(records))
