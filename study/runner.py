@@ -106,9 +106,13 @@ class StudyRunner:
             previous = json.loads(previous_file.read_text())
             defaults = json.loads(json.dumps(asdict(StudyConfig())))  # a setting added since then: its default
             changed = sorted(k for k in settings if previous.get(k, defaults[k]) != settings[k])
+            seeds = previous.get("seeds", defaults["seeds"])
+            if settings["seeds"][: len(seeds)] == seeds:  # more seeds after the same ones extend the study
+                changed = [k for k in changed if k != "seeds"]
             if changed:  # resuming with other settings would mix results of two studies in one table
                 raise ValueError(f"{self.work} holds a study run with other settings ({', '.join(changed)}): "
-                                 "use another --work-dir, or the same settings to resume.")  # fmt: skip
+                                 "use another --work-dir, or the same settings to resume (--seeds may add "
+                                 "seeds after the ones it has).")  # fmt: skip
         previous_file.write_text(json.dumps(settings, indent=1))
 
     # ------------------------------------------------------------------ bookkeeping
