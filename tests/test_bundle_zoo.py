@@ -116,3 +116,97 @@ def test_inference_properties_shapes_and_export(bundle, tmp_path, phantom):
     x = torch.rand(1, 1, 128, 96)
     with torch.no_grad():
         torch.testing.assert_close(scripted.eval()(x), eager.eval()(x))
+
+
+# ------------------------------------------------------------------ transform lists, as the zoo writes them
+PIPELINES = [("elvis_pretrain", "train.json", s) for s in ("train", "validate", "grounding")] + [
+    (b, f, s) for b in ("elvis_cxr_segmentation", "elvis_cxr_classification")
+    for f, s in (("train.json", "train"), ("train.json", "validate"), ("inference.json", None))
+] + [("elvis_grounding", "inference.json", None), ("elvis_grounding", "evaluate.json", None)]  # fmt: skip
+LONGEST_EXPRESSION = 160  # characters of an expression that joins transform lists
+
+
+def test_bundle_transforms_are_lists():
+    """No transform pipeline of a bundle or an overlay is a ``$`` string calling Python: each is a list of
+    ``_target_`` items, or a short expression that joins such lists by reference, so that one transform can be
+    overridden from the command line."""
+    for p in sorted(ROOT.glob("bundles/*/configs/*.json")) + sorted(ROOT.glob("configs/*/*.json")):
+        for key, value in _pipelines(json.loads(p.read_text())):
+            if isinstance(value, str):
+                assert value.startswith(("$@", "%")) and "(" not in value, (p, key, value)
+                assert len(value) <= LONGEST_EXPRESSION, (p, key)
+                continue
+            assert isinstance(value, list), (p, key)
+            for item in value:
+                assert isinstance(item, dict) and "_target_" in item, (p, key, item)
+
+
+def _pipelines(config, path=""):
+    """``(key, value)`` of every ``*transforms`` item of a config (a list, as ``phrases.json``, has none)."""
+    for k, v in config.items() if isinstance(config, dict) else ():
+        key = f"{path}#{k}" if path else k
+        if k.endswith("transforms"):
+            yield key, v
+        elif isinstance(v, dict):
+            yield from _pipelines(v, key)
+
+
+@pytest.mark.parametrize("bundle,config,section", PIPELINES, ids=lambda x: str(x))
+def test_bundle_pipelines_are_the_library_presets(bundle, config, section, tmp_path):
+    """Each pipeline's image part is the library's :func:`cxr_spatial_intensity` (and, in training,
+    :func:`cxr_augmentation`) at the bundle's image size: the same image, bit for bit, for the same seed."""
+    import numpy as np
+    from monai.transforms import Compose
+    from monai.utils import set_determinism
+    from PIL import Image
+
+    from monai_elvis.transforms import LoadCXRd, cxr_augmentation, cxr_spatial_intensity, train_wordpiece_tokenizer
+
+    files = [ROOT / "bundles" / bundle / "configs" / config]
+    if config == "evaluate.json" and bundle != "elvis_grounding":
+        files.insert(0, files[0].with_name("train.json"))
+    if bundle == "elvis_grounding" and config == "evaluate.json":
+        files.insert(0, files[0].with_name("inference.json"))
+    tokenizer = tmp_path / "tok"
+    train_wordpiece_tokenizer(["Small left pleural effusion. No pneumothorax."] * 3, tokenizer, 64)
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.update({"tokenizer_dir": str(tokenizer)})
+    key = f"{section}#preprocessing" if section else "preprocessing"
+    pipeline = parser.get_parsed_content(key, instantiate=True)
+    size = parser.get_parsed_content("image_size")
+    names = [type(t).__name__ for t in pipeline.transforms]
+    image_part = [t for t in pipeline.transforms if type(t).__module__.startswith(("monai.transforms.spatial",
+                  "monai.transforms.intensity", "monai.transforms.croppad")) and "image" in t.keys]  # fmt: skip
+    label_keys = [k for k in image_part[0].keys if k != "image"]  # masks resized with the image (grounding boxes)
+    path = tmp_path / "cxr.png"
+    Image.fromarray((np.random.default_rng(0).random((90, 70)) * 255).astype(np.uint8)).save(path)
+    loaded = LoadCXRd("image")({"image": str(path)})
+    loaded.update({k: (loaded["image"] > 0.5).float() for k in label_keys})
+    augment = cxr_augmentation(size, label_keys=label_keys) if section == "train" else []
+    ours, reference = Compose(image_part), Compose(cxr_spatial_intensity(size, label_keys=label_keys) + augment)
+    assert [type(t).__name__ for t in ours.transforms] == [type(t).__name__ for t in reference.transforms], names
+    for seed in (0, 1, 2):
+        set_determinism(seed)
+        ours.set_random_state(seed), reference.set_random_state(seed)
+        a, b = ours(dict(loaded)), reference(dict(loaded))
+        assert a["image"].shape == (1, size, size), (bundle, section)
+        for k in ["image", *label_keys]:
+            assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), (bundle, section, k)
+    set_determinism(None)
+
+
+def test_one_transform_is_overridden_from_the_command_line_form():
+    """The zoo's tests override single transforms (``train#random_transforms#0#...``). An override of the
+    training's random part reaches the trainer's pipeline alone; one of its deterministic part reaches validation
+    too, whose deterministic part is a ``%`` copy of it (as in the zoo's bundles)."""
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / "elvis_cxr_segmentation" / "configs" / "train.json"))
+    parser.update({"train#random_transforms#0#prob": 0.0, "train#deterministic_transforms#0#spatial_size": 64})
+    train = parser.get_parsed_content("train#preprocessing")
+    validate = parser.get_parsed_content("validate#preprocessing")
+    assert next(t for t in train.transforms if type(t).__name__ == "RandAffined").prob == 0.0
+    assert not any(type(t).__name__.startswith("Rand") for t in validate.transforms)
+    resize = [next(t for t in p.transforms if type(t).__name__ == "Resized") for p in (train, validate)]
+    assert [r.resizer.spatial_size for r in resize] == [64, 64]
+    assert parser.get_parsed_content("image_size") == 128  # the pad and the network keep theirs

@@ -1,5 +1,9 @@
 """Standard pipelines for chest radiographs: aspect-preserving resize and pad, intensity standardisation,
-and the pre-training augmentation set (never a horizontal flip: laterality lives in the report)."""
+and the pre-training augmentation set (never a horizontal flip: laterality lives in the report).
+
+The bundles write these out as transform lists (``train#deterministic_transforms``, ``train#random_transforms``,
+``preprocessing`` of the inference configs), so that one transform can be overridden from the command line;
+``tests/test_bundle_zoo.py`` checks that every such list gives the same images as these functions."""
 
 from __future__ import annotations
 
