@@ -210,3 +210,25 @@ def test_one_transform_is_overridden_from_the_command_line_form():
     resize = [next(t for t in p.transforms if type(t).__name__ == "Resized") for p in (train, validate)]
     assert [r.resizer.spatial_size for r in resize] == [64, 64]
     assert parser.get_parsed_content("image_size") == 128  # the pad and the network keep theirs
+
+
+ARCHITECTURE = ("image_size", "image_arch", "image_widen_factor", "image_output_stride", "image_global_pool",
+                "vocab_size", "text_config", "embed_dim", "shared_projection", "projection_layers",
+                "text_global_pooling", "grounding_text_feature", "grounding_similarity")  # fmt: skip
+
+
+def test_every_bundle_states_the_pretraining_architecture_alike():
+    """The bundles that load a pre-trained model (grounding, segmentation, classification) are self-contained, so
+    each states the architecture it loads; every such value equals pre-training's, the record they were made from.
+    A model pre-trained at another scale needs the same overlay on the bundle that loads it."""
+    record = json.loads((ROOT / "bundles" / "elvis_pretrain" / "configs" / "train.json").read_text())
+    checked = 0
+    for p in sorted(ROOT.glob("bundles/*/configs/*.json")):
+        config = json.loads(p.read_text())
+        if p.parent.parent.name == "elvis_pretrain" or not isinstance(config, dict):
+            continue
+        for key in ARCHITECTURE:
+            if key in config:
+                assert config[key] == record[key], (p.relative_to(ROOT).as_posix(), key, config[key], record[key])
+                checked += 1
+    assert checked >= 20  # grounding's 13, and the image encoder's of segmentation and classification
