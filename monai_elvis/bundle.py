@@ -22,7 +22,8 @@ from monai_elvis.errors import InputError, MissingInputError, is_bundle_cli
 from monai_elvis.keys import Keys
 
 __all__ = ["check_arguments", "check_image", "check_phrase", "image_datalist", "grounding_datalist", "own_datalist",
-           "parse_flag", "require_pretrained_model", "require_trained_model", "PRETRAIN_COMMAND"]  # fmt: skip
+           "parse_flag", "require_pretrained_model", "require_trained_model", "locate_bundle", "repository_path",
+           "PRETRAIN_COMMAND"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,34 @@ PHRASE_EXAMPLE = "--phrase \"left pleural effusion\""
 def _norm(path: str | os.PathLike) -> str:
     """``path`` without ``.``/``..`` segments or doubled separators (``configs/../x`` -> ``x``); stays relative."""
     return os.path.normpath(os.fspath(path))
+
+
+def locate_bundle(name: str, cwd: str | os.PathLike | None = None) -> str:
+    """The ``bundle_root`` of the bundle ``name`` for a command run in ``cwd`` (the working folder): ``"."`` in the
+    bundle's own folder (model-zoo's convention), ``"bundles/<name>"`` at the root of this repository.
+
+    Anywhere else there is no way to tell where the bundle is, and :class:`InputError` says to give
+    ``--bundle_root``. A caller that sets ``bundle_root`` itself (MONAI Label, model-zoo's CI) never calls this.
+    """
+    here = Path(cwd if cwd is not None else os.getcwd())
+    if here.name == name and (here / "configs" / "metadata.json").is_file():
+        return "."
+    if (here / "bundles" / name / "configs" / "metadata.json").is_file():
+        return f"bundles/{name}"
+    raise InputError(f"cannot tell where the bundle {name} is from {here}: run the command in the bundle's folder or "
+                     f"at the root of the repository that holds bundles/{name}, or add --bundle_root FOLDER.")  # fmt: skip
+
+
+def repository_path(path: str | os.PathLike, bundle_root: str | os.PathLike,
+                    cwd: str | os.PathLike | None = None) -> str:  # fmt: skip
+    """``path``, relative to the repository root (``data/phantom``), as seen from the working folder: unchanged,
+    except when the bundle runs from its own folder inside a repository's ``bundles/`` (``bundle_root`` ``"."``),
+    where it is ``../../<path>``, so that every bundle shares one phantom wherever it is run from. A bundle
+    folder on its own (a model-zoo download) keeps ``path`` inside it."""
+    here = Path(cwd if cwd is not None else os.getcwd())
+    if os.path.normpath(os.fspath(bundle_root)) == "." and here.parent.name == "bundles":
+        return _norm(Path("..") / ".." / path)
+    return _norm(path)
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -4,6 +4,7 @@ and the short form of their errors on the ``python -m monai.bundle`` command lin
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 from pathlib import Path
@@ -208,3 +209,39 @@ def test_ignite_resuming_from_iteration_0_is_left_out_and_a_real_resume_is_kept(
     fresh = "Engine run resuming from iteration 0, epoch 0 until 30 epochs"
     resumed = "Engine run resuming from iteration 100, epoch 2 until 30 epochs"
     assert _logged(FreshRunResumeFilter(), [fresh, "Epoch[1] Complete.", resumed]) == ["Epoch[1] Complete.", resumed]
+
+
+def test_bundle_root_from_the_bundle_folder_and_from_the_repository_root(tmp_path, monkeypatch):
+    """``bundle_root`` is ``"."`` in a bundle's own folder (the zoo's convention) and ``bundles/<name>`` at the
+    repository root, and the phantom is the repository's ``data/phantom`` from both; elsewhere, a message."""
+    import pytest
+    from monai.bundle import ConfigParser
+
+    from monai_elvis.bundle import locate_bundle, repository_path
+    from monai_elvis.errors import InputError
+
+    root = Path(__file__).resolve().parents[1]
+    for name, config in [("elvis_pretrain", "train.json"), ("elvis_cxr_segmentation", "inference.json"),
+                         ("elvis_grounding", "inference.json")]:  # fmt: skip
+        seen = {}
+        for where in (root, root / "bundles" / name):
+            monkeypatch.chdir(where)
+            parser = ConfigParser()
+            parser.read_config(str((root / "bundles" / name / "configs" / config).relative_to(where)))
+            seen[where] = [os.path.normpath(where / parser.get_parsed_content(k))
+                           for k in ("bundle_root", "ckpt_dir", "dataset_dir")]  # fmt: skip
+        bundle = root / "bundles" / name
+        assert seen[root] == seen[bundle] == [str(bundle), str(bundle / "models"), str(root / "data" / "phantom")]
+    monkeypatch.chdir(root / "bundles" / "elvis_pretrain")
+    assert locate_bundle("elvis_pretrain") == "." and repository_path("data/phantom", ".") == "../../data/phantom"
+    monkeypatch.chdir(root)
+    assert locate_bundle("elvis_pretrain") == "bundles/elvis_pretrain"
+    assert repository_path("data/phantom", "bundles/elvis_pretrain") == "data/phantom"
+    # a bundle folder on its own (a model-zoo download): "." and its data inside it
+    alone = tmp_path / "elvis_pretrain"
+    (alone / "configs").mkdir(parents=True)
+    (alone / "configs" / "metadata.json").write_text("{}")
+    assert locate_bundle("elvis_pretrain", cwd=alone) == "."
+    assert repository_path("data/phantom", ".", cwd=alone) == "data/phantom"
+    with pytest.raises(InputError, match="add --bundle_root FOLDER"):
+        locate_bundle("elvis_pretrain", cwd=tmp_path)
