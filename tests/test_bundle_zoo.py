@@ -232,3 +232,31 @@ def test_every_bundle_states_the_pretraining_architecture_alike():
                 assert config[key] == record[key], (p.relative_to(ROOT).as_posix(), key, config[key], record[key])
                 checked += 1
     assert checked >= 20  # grounding's 13, and the image encoder's of segmentation and classification
+
+
+def test_eval_metrics_are_copied_from_the_evaluation_files(tmp_path):
+    """``python -m monai_elvis.eval_metrics`` puts the declared figures of an evaluation's metrics files into a
+    copy of the metadata, rounded, formatted as the zoo's pre-commit wants; a declared figure no file holds is an
+    error naming it."""
+    import subprocess
+    import sys
+
+    from monai_elvis.errors import InputError
+    from monai_elvis.eval_metrics import update_eval_metrics
+
+    meta = tmp_path / "metadata.json"
+    shutil.copy(ROOT / "bundles" / "elvis_cxr_segmentation" / "configs" / "metadata.json", meta)
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"epoch": 1, "metrics": {"test_mean_dice": 0.123456, "per_class": {"nodule": 0.2}}}))
+    second.write_text(json.dumps({"test_mean_dice": 0.654321, "test_other": 1}))
+    out = subprocess.run([sys.executable, "-m", "monai_elvis.eval_metrics", str(meta), str(first), str(second)],
+                         capture_output=True, text=True, cwd=ROOT, check=True)  # fmt: skip
+    assert "test_mean_dice" in out.stdout and "0.6543" in out.stdout
+    text = meta.read_text()
+    assert json.loads(text)["eval_metrics"] == {"test_mean_dice": 0.6543}  # the later file's value, rounded
+    assert text == json.dumps(json.loads(text), indent=4, ensure_ascii=False) + "\n"
+    before = json.loads((ROOT / "bundles" / "elvis_cxr_segmentation" / "configs" / "metadata.json").read_text())
+    assert {k: v for k, v in json.loads(text).items() if k != "eval_metrics"} == {
+        k: v for k, v in before.items() if k != "eval_metrics"}  # fmt: skip
+    with pytest.raises(InputError, match="test_mean_auroc not among the figures of .*they hold test_mean_dice"):
+        update_eval_metrics(meta, [first], names=["test_mean_auroc"])
