@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", default="docs/results", help="tables and plots go here")
     for p in (run, sweep):
         p.add_argument("--dataset-dir", default="data/phantom")
-        p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2] if p is sweep else list(StudyConfig.seeds),
+                       help="seeds; more seeds after those of a work dir extend it")  # fmt: skip
         p.add_argument("--phantom-num", type=int, default=2000)
         p.add_argument("--image-size", type=int, default=None)
         p.add_argument("--num-workers", type=int, default=0)

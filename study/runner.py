@@ -38,7 +38,7 @@ class StudyConfig:
     work_dir: str = "runs/study"
     dataset_dir: str = "data/phantom"
     objectives: Sequence[str] = OBJECTIVES
-    seeds: Sequence[int] = (0, 1, 2)
+    seeds: Sequence[int] = (0, 1, 2, 3, 4)
     scale: str = "tiny"  # the configs/scale overlay of pre-training; "paper" for the GPU scale
     pretrain_epochs: int = 6
     pretrain_overrides: dict = field(default_factory=dict)

@@ -119,14 +119,16 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     assert StudyRunner(StudyConfig(work_dir=str(tmp_path))).done(step="pretrain", objective="elvis", seed=0)
     with pytest.raises(ValueError, match="other settings \\(split\\)"):
         StudyRunner(StudyConfig(work_dir=str(tmp_path), split="validation"))
+    # more seeds after the same ones extend a study: its records stay, and the extension is the new setting
+    grown = tmp_path / "grown"
+    StudyRunner(StudyConfig(work_dir=str(grown), seeds=(0, 1, 2))).record(step="pretrain", objective="elvis", seed=0)
     with pytest.raises(ValueError, match="other settings \\(seeds\\)"):  # the first seed would change
-        StudyRunner(StudyConfig(work_dir=str(tmp_path), seeds=(3, 0, 1, 2)))
-    # more seeds after the same ones extend the study: its records stay, and the extension is the new setting
-    assert StudyRunner(StudyConfig(work_dir=str(tmp_path), seeds=(0, 1, 2, 3))).done(step="pretrain", seed=0)
-    assert json.loads((tmp_path / "config.json").read_text())["seeds"] == [0, 1, 2, 3]
+        StudyRunner(StudyConfig(work_dir=str(grown), seeds=(3, 0, 1, 2)))
+    assert StudyRunner(StudyConfig(work_dir=str(grown), seeds=(0, 1, 2, 3))).done(step="pretrain", seed=0)
+    assert json.loads((grown / "config.json").read_text())["seeds"] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="other settings \\(seeds\\)"):  # and fewer do not
-        StudyRunner(StudyConfig(work_dir=str(tmp_path), seeds=(0, 1, 2)))
-    StudyRunner(StudyConfig(work_dir=str(tmp_path), seeds=(0, 1, 2, 3, 4)))
+        StudyRunner(StudyConfig(work_dir=str(grown), seeds=(0, 1, 2)))
+    StudyRunner(StudyConfig(work_dir=str(grown), seeds=(0, 1, 2, 3, 4)))
     with pytest.raises(ValueError, match="unknown objectives \\['clip'\\]"):
         StudyConfig(objectives=("elvis", "clip"))
 
