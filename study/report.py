@@ -287,6 +287,76 @@ def conclusions(tables: dict) -> list[str]:
     return text
 
 
+def _per_seed(items: dict, objective: str, seeds: Sequence[int], phantom: str, epochs: int, label: str) -> list[float]:
+    """One value per seed of the measure named ``label`` (a ``MEASURES`` label) for ``objective``."""
+    _, part, metric, statistic, _ = next(m for m in MEASURES if m[0] == label)
+    values = [_seed_stat(_values(items, _run_name(phantom, objective, s, epochs), part, metric, statistic), statistic)
+              for s in seeds]  # fmt: skip
+    return [v for v in values if not math.isnan(v)]
+
+
+def _sweep_grounding(sweep_records: Sequence[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{variant: {"CNR" | "pointing": (mean, std, n)}}`` over seeds, from a sweep's grounding records (the
+    "all" row) at its longest training length."""
+    grounding = [r for r in sweep_records if r.get("step") == "grounding"]
+    if not grounding:
+        return {}
+    longest = max(r["epochs"] for r in grounding)
+    out: dict = defaultdict(dict)
+    for variant in dict.fromkeys(r["variant"] for r in grounding):
+        rows = [next(t for t in r["table"] if t["category"] == "all") for r in grounding
+                if r["variant"] == variant and r["epochs"] == longest]  # fmt: skip
+        out[variant] = {"CNR": _ms(t.get("cnr") for t in rows), "pointing": _ms(t.get("pointing") for t in rows)}
+    return dict(out)
+
+
+def one_hot_reasons(records: Sequence[dict], items: dict, found: dict,
+                    sweep_records: Sequence[dict] = ()) -> list[str]:  # fmt: skip
+    """Sentences of what the measurements say about why ELVIS does not beat one-hot local on grounding, written
+    only when its CNR or pointing interval against one-hot contains 0: how much locality one-hot loses (beside an
+    untrained encoder and ELVIS), how the grounding measures vary between seeds against the difference, and, from a
+    sweep's records, how far ELVIS's settings move them against one-hot's seed spread."""
+    unclear = [m for m in ("CNR", "pointing") if found.get(("one_hot", m)) is not None
+               and not found[("one_hot", m)].significant]  # fmt: skip
+    if not unclear:
+        return []
+    epochs, phantom = _setting(records)
+    seeds = _seeds(records)
+    text = []
+    loc = {o: _ms(_per_seed(items, o, seeds, phantom, epochs, "locality")) for o in ("elvis", "one_hot", "random")}
+    if all(v[2] for v in loc.values()):
+        lost = loc["random"][0] - loc["one_hot"][0]
+        kept = (f"they lose {lost:.3f} of it" if lost > 0 else "they lose none of it")
+        text.append(f"One-hot local targets keep a locality of {loc['one_hot'][0]:.3f} after {epochs} epochs, against "
+                    f"{loc['random'][0]:.3f} for an untrained encoder and {loc['elvis'][0]:.3f} for ELVIS: {kept}. The "
+                    f"loss of intra-image similarity that ELVIS's targets guard against is "
+                    f"{'small' if lost < 0.05 else 'large'} at this length, so there is "
+                    f"{'little' if lost < 0.05 else 'much'} for ELVIS to win back.")  # fmt: skip
+    for m in unclear:
+        e, o = (_ms(_per_seed(items, x, seeds, phantom, epochs, m)) for x in ("elvis", "one_hot"))
+        d = found[("one_hot", m)]
+        if e[2] > 1 and o[2] > 1:
+            text.append(f"{m[0].upper() + m[1:]} varies between seeds (sample std {e[1]:.3f} for ELVIS, {o[1]:.3f} for one-hot) "
+                        f"{'more' if max(e[1], o[1]) > abs(d.value) else 'less'} than it differs between the two "
+                        f"({d}): {len(seeds)} seeds cannot separate them.")  # fmt: skip
+    sweep = _sweep_grounding(sweep_records)
+    if "one_hot" in sweep and len(sweep) > 1:
+        settings = [v for v in sweep if v != "one_hot"]
+        longest = max(r["epochs"] for r in sweep_records if r.get("step") == "grounding")
+        for m in unclear:
+            ref = sweep["one_hot"][m]
+            means = {v: sweep[v][m][0] for v in settings}
+            best = max(means, key=means.get)
+            beyond = [v for v in settings if means[v] - ref[0] > ref[1]]
+            text.append(f"In the sweep ({len(settings)} ELVIS settings, {longest} epochs, validation split), {m} "
+                        f"ranges {min(means.values()):.3f} to {max(means.values()):.3f} (best: {best}) against "
+                        f"one-hot's {ref[0]:.3f} ± {ref[1]:.3f}; "
+                        + (f"{', '.join(beyond)} {'is' if len(beyond) == 1 else 'are'} above it by more than "
+                           f"one-hot's seed spread." if beyond else
+                           "no setting is above it by more than one-hot's seed spread."))  # fmt: skip
+    return text
+
+
 def _yerr(stats: Sequence[tuple[float, float, int]], top: float | None = None) -> np.ndarray:
     """``[2, K]`` error bars of ``(mean, std, n)`` clipped to the figure's range: no bar below 0 (and, with
     ``top``, none above it); a NaN std (one seed) draws no bar."""
@@ -555,6 +625,13 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
     if said:
         text += ["## What the data say", "", "Generated from the intervals below: a difference is named only where its "
                  "95% interval excludes 0.", ""] + [f"- {s}" for s in said] + [""]  # fmt: skip
+    sweep_file = out_dir / "sweep_validation_records.json"  # written by `python -m study sweep --out` the same folder
+    sweep_records = json.loads(sweep_file.read_text()) if sweep_file.is_file() else []
+    why = one_hot_reasons(records, items, tables.get("found", {}), sweep_records)
+    if why:
+        text += ["## Why ELVIS does not beat one-hot on grounding", "",
+                 "Generated from the measures" + (" and from `sweep_validation.md`" if sweep_records else "") + ":",
+                 ""] + [f"- {s}" for s in why] + [""]  # fmt: skip
     text += ["## Pre-training measures, default phantom", "", tables["measures"], "",
              "## ELVIS minus each baseline, default phantom", "", tables["differences"], "",
              "## Grounding per category: CNR / pointing", "", tables["cnr_by_category"], ""]  # fmt: skip
