@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num", type=int, default=2000, help="studies, when the phantom is written")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128, help="training resolution (the pre-training bundle's)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
     p.add_argument("--out", help="also write the table as Markdown to this file")
     p.set_defaults(func=_phantom_probe)

@@ -122,7 +122,7 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, rotate_degrees: f
 def run_phantom_probe(
     data_dir: str | Path,
     image_size: int = 128,
-    epochs: int = 20,
+    epochs: int = 60,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     seed: int = 0,
