@@ -283,3 +283,37 @@ def test_monai_label_training_path_has_no_side_effects_and_saves_model_pt(phanto
                          weights_only=True)  # fmt: skip
     for name, value in resumed["model"].items():  # the final weights, those of the last checkpoint
         assert torch.equal(net.state_dict()[name], value), name
+
+    # MONAI Label's next round, on 3 labelled images: a new run on them, not a "resume" of the finished round
+    first_model = (bundle / "models" / "model.pt").read_bytes()
+    entries = json.loads((phantom / "datalist.json").read_text())["training"][:3]
+    labelled = [{"image": str(phantom / e["image"]), "label": str(phantom / e["label"])} for e in entries]
+
+    def next_round():
+        bundle_run(run_id="run", init_id=None, final_id=None, meta_file=str(bundle / "configs" / "metadata.json"),
+                   config_file=config, bundle_root=str(bundle), **{"train#trainer#max_epochs": 2,
+                   "train#dataset#data": labelled, "validate#dataset#data": [], "device": "cpu",
+                   "train#handlers": handlers}, image_size=64, num_workers=0, cache_rate=0.0)  # fmt: skip
+
+    next_round()
+    settings = json.loads((bundle / "models" / "resume" / "run_settings.json").read_text())
+    assert settings["data"]["training_items"]["items"] == 3
+    second_model = (bundle / "models" / "model.pt").read_bytes()
+    assert second_model != first_model  # trained on the 3 images
+    again = torch.load(bundle / "models" / "resume" / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=True)
+    assert again["trainer"]["iteration"] == 2  # 2 epochs of 1 batch of 3, anew (not 4: the first round's 2 + 2)
+    net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in again["model"].items())
+    next_round()  # the same round again: the finished run is resumed, nothing is trained, the model stays
+    assert (bundle / "models" / "model.pt").read_bytes() == second_model
+
+
+def test_data_fingerprint_names_the_data_not_the_file():
+    from monai_elvis.engines import data_fingerprint
+
+    a = [{"image": "a.png", "label": "a_seg.png"}, {"image": "b.png", "label": "b_seg.png"}]
+    fp = data_fingerprint(a)
+    assert fp["items"] == 2 and len(fp["sha256"]) == 64
+    assert data_fingerprint([dict(reversed(list(e.items()))) for e in a]) == fp  # key order is not data
+    assert data_fingerprint(a[::-1]) != fp and data_fingerprint(a[:1])["items"] == 1  # order and items are
+    assert data_fingerprint([]) == {"items": 0, "sha256": __import__("hashlib").sha256(b"[]").hexdigest()}

@@ -22,6 +22,7 @@ from monai_elvis.engines.resume import (
     ResumableSampler,
     ResumeSettingsError,
     attach_resume,
+    data_fingerprint,
     describe_settings,
     latest_checkpoint,
     settings_differences,
@@ -39,7 +40,7 @@ from monai_elvis.engines.vlp import (
 )
 
 __all__ = [
-    "ClampParametersHandler", "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
+    "ClampParametersHandler", "GradientClipHandler", "MetricsJSONHandler", "attach_resume", "data_fingerprint", "ObjectiveLoss", "ensure_tokenizer", "from_pred",
     "FinalModelSaver", "latest_checkpoint", "prepare_grounding_batch", "prepare_vlp_batch", "save_text_model",
     "GroundingReportHandler", "GroundingWriter", "heat_colormap", "phrase_slug",
     "ChanceLevelHandler", "ItemValuesWriter", "MetricsHistoryHandler", "PromptEncoder", "learning_curve_table", "summarize_metrics",

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ from monai.data import DistributedSampler
 
 from monai_elvis.errors import UsageError
 
-__all__ = ["attach_resume", "latest_checkpoint", "describe_settings", "settings_differences", "ResumeSettingsError",
-           "SETTINGS_FILE", "ResumableSampler", "DataPosition"]  # fmt: skip
+__all__ = ["attach_resume", "latest_checkpoint", "describe_settings", "settings_differences", "data_fingerprint",
+           "ResumeSettingsError", "SETTINGS_FILE", "ResumableSampler", "DataPosition"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 SETTINGS_FILE = "run_settings.json"
@@ -186,6 +186,15 @@ def describe_settings(value: Any) -> Any:
     return described
 
 
+def data_fingerprint(items: Any) -> dict[str, Any]:
+    """``{"items": n, "sha256": ...}`` of a datalist (the JSON form of its entries, keys sorted): a short setting
+    that changes whenever the data a run trains on does, for the settings of :func:`attach_resume` (MONAI Label
+    overrides ``train#dataset#data`` with the images labelled so far, whatever the bundle's own datalist is)."""
+    items = [describe_settings(v) for v in items]
+    text = json.dumps(items, sort_keys=True)
+    return {"items": len(items), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
 def settings_differences(stored: Any, current: Any, path: str = "") -> list[str]:
     """Lines ``"name: <stored> in the checkpoint's run, <current> now"`` for every setting that differs
     (nested settings are named ``a.b.c``)."""
@@ -233,7 +242,8 @@ def _write_json(path: Path, value: Any) -> None:
 
 def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, Any], prefix: str = "",
                   every: int = 1, save: bool = True, settings: Mapping[str, Any] | None = None,
-                  resume: bool = True, every_iterations: int = 0) -> str | None:  # fmt: skip
+                  resume: bool = True, every_iterations: int = 0,
+                  restart_on: Sequence[str] = ()) -> str | None:  # fmt: skip
     """Make ``trainer`` resumable: save ``objects``, the trainer's own state and its position in the data every
     ``every`` epochs and every ``every_iterations`` iterations into ``ckpt_dir`` (one file kept,
     ``{prefix}checkpoint_iteration=<n>.pt``, written atomically by ignite), and, when such a checkpoint exists
@@ -258,6 +268,12 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
             steps the optimizer. Resuming such a checkpoint continues the epoch where it was: the trainer at the
             next iteration, and the data after the batches already trained on when the trainer's data loader
             samples with a :class:`ResumableSampler` (otherwise that pass over the data restarts, with a warning).
+        restart_on: settings (dotted names of ``settings``, or their parents: ``"data.training_items"``) whose change
+            starts a new run instead of being refused, when they are all that differs: the checkpoint folder is
+            cleared, as with ``resume=False``, with a warning that names them. The bundles give the fingerprint of
+            the training data (:func:`data_fingerprint`), so that MONAI Label's next training round, on more
+            labelled images, trains on them instead of "resuming" the finished round, while any other change of
+            settings is still refused.
 
     Returns the checkpoint it resumes from, or ``None``. Kept out of the handler list of the bundle config
     because the trainer cannot reference itself there.
@@ -286,6 +302,7 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
     position.attach(trainer)
     state = {**objects, "trainer": trainer}
     latest = latest_checkpoint(ckpt_dir, f"{prefix}checkpoint")
+    restart = False
     if latest is not None and not resume:
         if save:
             _start_over(ckpt_dir, prefix, settings_file)
@@ -299,9 +316,20 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
         except ValueError as e:
             raise _refusal(latest, settings_file, f"its settings file cannot be read ({e}).") from e
         differences = settings_differences(stored, current)
-        if differences:
+        names = [d.split(":", 1)[0] for d in differences]
+        restartable = [any(n == r or n.startswith(r + ".") for r in restart_on) and "not set" not in d
+                       for n, d in zip(names, differences)]  # a setting the older run did not record: refused
+        if differences and all(restartable):
+            logger.warning("%s was made with other %s (%s): starting a new run with those given now", latest,
+                           " and ".join(sorted(set(names))), "; ".join(differences))  # fmt: skip
+            restart, latest = True, None
+        elif differences:
             listed = "\n".join(f"  {d}" for d in differences)
             raise _refusal(latest, settings_file, f"it was made with other settings:\n{listed}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has read the folder before the saving one clears it
+    if restart and save:
+        _start_over(ckpt_dir, prefix, settings_file)
     if latest is not None:
         logger.info("resuming from %s", latest)
 
