@@ -317,3 +317,28 @@ def test_data_fingerprint_names_the_data_not_the_file():
     assert data_fingerprint([dict(reversed(list(e.items()))) for e in a]) == fp  # key order is not data
     assert data_fingerprint(a[::-1]) != fp and data_fingerprint(a[:1])["items"] == 1  # order and items are
     assert data_fingerprint([]) == {"items": 0, "sha256": __import__("hashlib").sha256(b"[]").hexdigest()}
+
+
+def test_only_recorded_changes_of_restart_settings_start_a_new_run(tmp_path):
+    """``restart_on`` starts a new run when only the named settings changed, and refuses when the older run did
+    not record them (a checkpoint of an earlier version is never deleted) or when anything else changed too."""
+    from ignite.engine import Engine
+
+    from monai_elvis.engines import ResumeSettingsError, attach_resume, data_fingerprint
+
+    def attempt(stored: dict, current: dict) -> bool:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "checkpoint_iteration=3.pt").write_bytes(b"")
+        (folder / "run_settings.json").write_text(json.dumps(stored))
+        net = torch.nn.Linear(1, 1)
+        attach_resume(Engine(lambda e, b: None), folder, {"model": net}, settings=current,
+                      restart_on=["data.training_items"])  # fmt: skip
+        return not (folder / "checkpoint_iteration=3.pt").exists()  # cleared for a new run
+
+    two, three = data_fingerprint([{"image": "a"}] * 2), data_fingerprint([{"image": "a"}] * 3)
+    assert attempt({"data": {"training_items": two, "size": 64}}, {"data": {"training_items": three, "size": 64}})
+    with pytest.raises(ResumeSettingsError, match="data.training_items: not set in the checkpoint's run"):
+        attempt({"data": {"size": 64}}, {"data": {"training_items": three, "size": 64}})
+    with pytest.raises(ResumeSettingsError, match="data.size: 64 in the checkpoint's run, 128 now"):
+        attempt({"data": {"training_items": two, "size": 64}}, {"data": {"training_items": three, "size": 128}})

@@ -317,8 +317,10 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
             raise _refusal(latest, settings_file, f"its settings file cannot be read ({e}).") from e
         differences = settings_differences(stored, current)
         names = [d.split(":", 1)[0] for d in differences]
-        restartable = [any(n == r or n.startswith(r + ".") for r in restart_on) and "not set" not in d
-                       for n, d in zip(names, differences)]  # a setting the older run did not record: refused
+        unrecorded = [d.endswith(", not set now") or d.startswith(f"{n}: not set in the checkpoint's run")
+                      for n, d in zip(names, differences)]  # fmt: skip
+        restartable = [any(n == r or n.startswith(r + ".") for r in restart_on) and not u
+                       for n, u in zip(names, unrecorded)]  # a setting the older run did not record: refused
         if differences and all(restartable):
             logger.warning("%s was made with other %s (%s): starting a new run with those given now", latest,
                            " and ".join(sorted(set(names))), "; ".join(differences))  # fmt: skip
