@@ -103,16 +103,21 @@ def _cell(d: Difference | None) -> str:
     return f"**{text}**" if d.significant else text
 
 
+def _per_seed(items: dict, objective: str, seeds: Sequence[int], phantom: str, epochs: int,
+              measure: str | tuple) -> list[float]:  # fmt: skip
+    """One value per seed (those recorded) of ``measure`` (a ``MEASURES`` entry or its label) for ``objective``."""
+    _, part, metric, statistic, _ = next(m for m in MEASURES if m[0] == measure) if isinstance(measure, str) else measure
+    values = [_seed_stat(_values(items, _run_name(phantom, objective, s, epochs), part, metric, statistic), statistic)
+              for s in seeds]  # fmt: skip
+    return [v for v in values if not math.isnan(v)]
+
+
 def measures_table(items: dict, objectives: Sequence[str], seeds: Sequence[int], phantom: str, epochs: int,
                    measures=MEASURES) -> str:  # fmt: skip
     """Mean ± sample std over seeds of each measure, one row per objective."""
     lines = ["| objective | " + " | ".join(m[0] for m in measures) + " |", "| --- |" + " ---: |" * len(measures)]
     for o in objectives:
-        cells = []
-        for _, part, metric, statistic, _ in measures:
-            per_seed = [_seed_stat(_values(items, _run_name(phantom, o, s, epochs), part, metric, statistic), statistic)
-                        for s in seeds]  # fmt: skip
-            cells.append(_fmt(*_ms(per_seed)))
+        cells = [_fmt(*_ms(_per_seed(items, o, seeds, phantom, epochs, m))) for m in measures]
         lines.append(f"| {LABELS[o]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -287,27 +292,19 @@ def conclusions(tables: dict) -> list[str]:
     return text
 
 
-def _per_seed(items: dict, objective: str, seeds: Sequence[int], phantom: str, epochs: int, label: str) -> list[float]:
-    """One value per seed of the measure named ``label`` (a ``MEASURES`` label) for ``objective``."""
-    _, part, metric, statistic, _ = next(m for m in MEASURES if m[0] == label)
-    values = [_seed_stat(_values(items, _run_name(phantom, objective, s, epochs), part, metric, statistic), statistic)
-              for s in seeds]  # fmt: skip
-    return [v for v in values if not math.isnan(v)]
-
-
-def _sweep_grounding(sweep_records: Sequence[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """``{variant: {"CNR" | "pointing": (mean, std, n)}}`` over seeds, from a sweep's grounding records (the
-    "all" row) at its longest training length."""
+def _sweep_grounding(sweep_records: Sequence[dict]) -> tuple[int, dict[str, dict[str, tuple[float, float, int]]]]:
+    """The sweep's longest training length and ``{variant: {"CNR" | "pointing": (mean, std, n)}}`` over seeds at
+    that length, from its grounding records (the "all" row); ``(0, {})`` without any."""
     grounding = [r for r in sweep_records if r.get("step") == "grounding"]
     if not grounding:
-        return {}
+        return 0, {}
     longest = max(r["epochs"] for r in grounding)
     out: dict = defaultdict(dict)
     for variant in dict.fromkeys(r["variant"] for r in grounding):
         rows = [next(t for t in r["table"] if t["category"] == "all") for r in grounding
                 if r["variant"] == variant and r["epochs"] == longest]  # fmt: skip
         out[variant] = {"CNR": _ms(t.get("cnr") for t in rows), "pointing": _ms(t.get("pointing") for t in rows)}
-    return dict(out)
+    return longest, dict(out)
 
 
 def one_hot_reasons(records: Sequence[dict], items: dict, found: dict,
@@ -339,10 +336,9 @@ def one_hot_reasons(records: Sequence[dict], items: dict, found: dict,
             text.append(f"{m[0].upper() + m[1:]} varies between seeds (sample std {e[1]:.3f} for ELVIS, {o[1]:.3f} for one-hot) "
                         f"{'more' if max(e[1], o[1]) > abs(d.value) else 'less'} than it differs between the two "
                         f"({d}): {len(seeds)} seeds cannot separate them.")  # fmt: skip
-    sweep = _sweep_grounding(sweep_records)
+    longest, sweep = _sweep_grounding(sweep_records)
     if "one_hot" in sweep and len(sweep) > 1:
         settings = [v for v in sweep if v != "one_hot"]
-        longest = max(r["epochs"] for r in sweep_records if r.get("step") == "grounding")
         for m in unclear:
             ref = sweep["one_hot"][m]
             means = {v: sweep[v][m][0] for v in settings}

@@ -264,14 +264,18 @@ def test_monai_label_training_path_has_no_side_effects_and_saves_model_pt(phanto
     server_cwd = tmp_path / "server"
     server_cwd.mkdir()
     monkeypatch.chdir(server_cwd)
-    entries = json.loads((phantom / "datalist.json").read_text())["training"][:2]
-    labelled = [{"image": str(phantom / e["image"]), "label": str(phantom / e["label"])} for e in entries]
     config = str(bundle / "configs" / "train.json")
     handlers = ConfigParser.load_config_file(config)["train"]["handlers"]
-    bundle_run(run_id="run", init_id=None, final_id=None, meta_file=str(bundle / "configs" / "metadata.json"),
-               config_file=config, bundle_root=str(bundle), **{"train#trainer#max_epochs": 2,
-               "train#dataset#data": labelled, "validate#dataset#data": [], "device": "cpu",
-               "train#handlers": handlers}, image_size=64, num_workers=0, cache_rate=0.0)  # fmt: skip
+
+    def train_round(n_labelled: int) -> None:  # one training request, on the first n labelled images
+        entries = json.loads((phantom / "datalist.json").read_text())["training"][:n_labelled]
+        labelled = [{"image": str(phantom / e["image"]), "label": str(phantom / e["label"])} for e in entries]
+        bundle_run(run_id="run", init_id=None, final_id=None, meta_file=str(bundle / "configs" / "metadata.json"),
+                   config_file=config, bundle_root=str(bundle), **{"train#trainer#max_epochs": 2,
+                   "train#dataset#data": labelled, "validate#dataset#data": [], "device": "cpu",
+                   "train#handlers": handlers}, image_size=64, num_workers=0, cache_rate=0.0)  # fmt: skip
+
+    train_round(2)
     assert list(server_cwd.iterdir()) == []  # no phantom, no logs, nothing
     assert not (bundle / "data").exists()
     assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.pt", "resume"]
@@ -286,16 +290,7 @@ def test_monai_label_training_path_has_no_side_effects_and_saves_model_pt(phanto
 
     # MONAI Label's next round, on 3 labelled images: a new run on them, not a "resume" of the finished round
     first_model = (bundle / "models" / "model.pt").read_bytes()
-    entries = json.loads((phantom / "datalist.json").read_text())["training"][:3]
-    labelled = [{"image": str(phantom / e["image"]), "label": str(phantom / e["label"])} for e in entries]
-
-    def next_round():
-        bundle_run(run_id="run", init_id=None, final_id=None, meta_file=str(bundle / "configs" / "metadata.json"),
-                   config_file=config, bundle_root=str(bundle), **{"train#trainer#max_epochs": 2,
-                   "train#dataset#data": labelled, "validate#dataset#data": [], "device": "cpu",
-                   "train#handlers": handlers}, image_size=64, num_workers=0, cache_rate=0.0)  # fmt: skip
-
-    next_round()
+    train_round(3)
     settings = json.loads((bundle / "models" / "resume" / "run_settings.json").read_text())
     assert settings["data"]["training_items"]["items"] == 3
     second_model = (bundle / "models" / "model.pt").read_bytes()
@@ -304,7 +299,7 @@ def test_monai_label_training_path_has_no_side_effects_and_saves_model_pt(phanto
     assert again["trainer"]["iteration"] == 2  # 2 epochs of 1 batch of 3, anew (not 4: the first round's 2 + 2)
     net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
     assert all(torch.equal(net.state_dict()[k], v) for k, v in again["model"].items())
-    next_round()  # the same round again: the finished run is resumed, nothing is trained, the model stays
+    train_round(3)  # the same round again: the finished run is resumed, nothing is trained, the model stays
     assert (bundle / "models" / "model.pt").read_bytes() == second_model
 
 

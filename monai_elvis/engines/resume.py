@@ -166,10 +166,7 @@ def describe_settings(value: Any) -> Any:
         return {str(k): describe_settings(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         items = [describe_settings(v) for v in value]
-        if len(items) > _LONG:
-            text = json.dumps(items, sort_keys=True)
-            return {"items": len(items), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
-        return items
+        return _fingerprint(items) if len(items) > _LONG else items
     if isinstance(value, torch.device):
         return str(value)
     described: dict[str, Any] = {"_target_": f"{type(value).__module__}.{type(value).__qualname__}"}
@@ -186,13 +183,33 @@ def describe_settings(value: Any) -> Any:
     return described
 
 
+def _fingerprint(described: list) -> dict[str, Any]:
+    text = json.dumps(described, sort_keys=True)
+    return {"items": len(described), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
 def data_fingerprint(items: Any) -> dict[str, Any]:
     """``{"items": n, "sha256": ...}`` of a datalist (the JSON form of its entries, keys sorted): a short setting
     that changes whenever the data a run trains on does, for the settings of :func:`attach_resume` (MONAI Label
-    overrides ``train#dataset#data`` with the images labelled so far, whatever the bundle's own datalist is)."""
-    items = [describe_settings(v) for v in items]
-    text = json.dumps(items, sort_keys=True)
-    return {"items": len(items), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    overrides ``train#dataset#data`` with the images labelled so far, whatever the bundle's own datalist is).
+    :func:`describe_settings` writes a list longer than 64 items the same way."""
+    return _fingerprint([describe_settings(v) for v in items])
+
+
+def _split_settings(settings: Any, names: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """``settings`` without the dotted ``names``, and ``{name: value}`` of those it holds."""
+    if not isinstance(settings, dict):
+        return settings, {}
+    rest = json.loads(json.dumps(settings))
+    taken = {}
+    for name in names:
+        *parents, key = name.split(".")
+        node = rest
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            taken[name] = node.pop(key)
+    return rest, taken
 
 
 def settings_differences(stored: Any, current: Any, path: str = "") -> list[str]:
@@ -316,14 +333,12 @@ def attach_resume(trainer, ckpt_dir: str | os.PathLike, objects: Mapping[str, An
         except ValueError as e:
             raise _refusal(latest, settings_file, f"its settings file cannot be read ({e}).") from e
         differences = settings_differences(stored, current)
-        names = [d.split(":", 1)[0] for d in differences]
-        unrecorded = [d.endswith(", not set now") or d.startswith(f"{n}: not set in the checkpoint's run")
-                      for n, d in zip(names, differences)]  # fmt: skip
-        restartable = [any(n == r or n.startswith(r + ".") for r in restart_on) and not u
-                       for n, u in zip(names, unrecorded)]  # a setting the older run did not record: refused
-        if differences and all(restartable):
+        (stored_rest, stored_on), (current_rest, current_on) = (_split_settings(x, restart_on) for x in (stored, current))
+        # only the restart_on settings differ, and the older run recorded each of them (else it is refused)
+        if differences and stored_on.keys() == current_on.keys() and not settings_differences(stored_rest, current_rest):
+            changed = [n for n in restart_on if stored_on.get(n) != current_on.get(n)]
             logger.warning("%s was made with other %s (%s): starting a new run with those given now", latest,
-                           " and ".join(sorted(set(names))), "; ".join(differences))  # fmt: skip
+                           " and ".join(changed), "; ".join(differences))  # fmt: skip
             restart, latest = True, None
         elif differences:
             listed = "\n".join(f"  {d}" for d in differences)
