@@ -51,8 +51,8 @@ class StudyConfig:
     seg_fractions: Sequence[float] = (0.01, 0.1, 1.0)
     seg_modes: Sequence[str] = ("frozen", "finetune")
     seg_iterations: int = 40
-    seg_curve_epochs: int = 8
-    seg_curve_epoch_length: int = 25
+    seg_curve_epochs: int = 20
+    seg_curve_epoch_length: int = 50
     seg_batch_size: int = 16
     seg_val_items: int = 32
     split: str = "test"  # where locality, retrieval and grounding are measured; "validation" for tuning
@@ -77,6 +77,11 @@ class StudyConfig:
 
 
 EASY, HARD = "easy", "realistic"  # the phantom's difficulty settings the study runs on
+
+
+# the segmentation bundle's scheduler replaced by a constant rate (factor 1 for its first epochs, then none)
+CONSTANT_LR = {"train#lr_scheduler": {"_target_": "torch.optim.lr_scheduler.ConstantLR", "optimizer": "@optimizer",
+                                      "factor": 1.0}}
 
 
 def _bundle(name: str, *files: str) -> list[str]:
@@ -292,7 +297,11 @@ class StudyRunner:
 
     def segmentation_curve(self) -> dict | None:
         """The validation Dice of a segmentation model trained from scratch on every label, after each of
-        ``seg_curve_epochs`` epochs of ``seg_curve_epoch_length`` steps: the curve that sizes ``seg_iterations``."""
+        ``seg_curve_epochs`` epochs of ``seg_curve_epoch_length`` steps: the curve that sizes ``seg_iterations``.
+
+        The learning rate stays constant, as in the study's runs (one epoch each, whose cosine schedule of one epoch
+        lowers the rate only after their last step); with the bundle's cosine over the curve's epochs, the curve
+        would level off where the rate reaches 0, not where learning does."""
         if not self.cfg.seg_curve_epochs:
             return None
         found = self.done(step="seg_curve")
@@ -306,7 +315,7 @@ class StudyRunner:
                     **self._seg_common(None, self.cfg.seeds[0], seg_root), label_fraction=1.0, pretrained_ckpt=None,
                     freeze_encoder=False, max_epochs=self.cfg.seg_curve_epochs,
                     epoch_length=self.cfg.seg_curve_epoch_length, val_interval=1, batch_size=self.cfg.seg_batch_size,
-                    **self._seg_val_data())  # fmt: skip
+                    **CONSTANT_LR, **self._seg_val_data())  # fmt: skip
         history = [json.loads(line) for line in (seg_root / "eval" / "metrics_history.jsonl").read_text().splitlines()]
         curve = [{"iterations": h["epoch"] * self.cfg.seg_curve_epoch_length, "val_mean_dice": h["metrics"].get("val_mean_dice")}
                  for h in history]  # fmt: skip

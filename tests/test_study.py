@@ -267,3 +267,22 @@ def test_why_elvis_does_not_beat_one_hot_is_computed_from_the_measures():
     assert len(text) == 3  # CNR was not compared: nothing said of it
     # a clear difference needs no explanation
     assert one_hot_reasons(records, items, {("one_hot", "pointing"): Difference(0.2, 0.1, 0.3, 2, 8)}, sweep) == []
+
+
+def test_schedule_summary_says_whether_the_segmentation_schedule_reaches_the_plateau():
+    sys.path.insert(0, str(ROOT))
+    from study.report import schedule_summary
+
+    curve = {"step": "seg_curve", "seconds": 100.0,
+             "curve": [{"iterations": i, "val_mean_dice": d} for i, d in ((10, 0.1), (20, 0.5), (30, 0.96), (40, 1.0))]}  # fmt: skip
+    runs = [{"step": "segmentation", "seconds": 50.0}, {"step": "segmentation", "seconds": 60.0}]
+    # 2.5 s a step; outside the 15 steps: 50 - 37.5 and 60 - 37.5, mean 17.5 s; 2 x (17.5 + 30 x 2.5) s = 3.08 min
+    assert schedule_summary([curve] + runs, 15) == (
+        "The curve's best validation Dice is 1.000 (at 40 steps); it first reaches 95% of that at 30 steps. At 10 "
+        "steps, the nearest point at or below the study's 15, it is 0.100. The study's schedule is therefore short of "
+        "the plateau: at 2.50 s a step (the curve's time, validations included), its 2 segmentation runs at 30 steps "
+        "would take about 3 minutes, against 2 for 15 steps."
+    )  # fmt: skip
+    at_plateau = schedule_summary([curve] + runs, 30)
+    assert at_plateau.endswith("At 30 steps, the nearest point at or below the study's 30, it is 0.960.")
+    assert schedule_summary(runs, 15) == "" and schedule_summary([curve], None) == ""

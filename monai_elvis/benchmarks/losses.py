@@ -13,6 +13,7 @@ from monai_elvis.benchmarks.references import (
     gloria_code_reference,
     gloria_paper_reference,
     lovt_reference,
+    unit_pair_products,
     word_region_score_products,
 )
 from monai_elvis.keys import OutKeys
@@ -28,7 +29,8 @@ LOSS_DESCRIPTIONS: dict[str, str] = {
     "reference: gloria_paper_reference; floor as gloria_code",
     "lovt": "ElvisLoss of configs/objective/lovt.json with attention-pooling unit weights: LoVT's full objective "
     "(l2att and att2l of regions and sentences, 0.375 each, from one shared product per modality; global InfoNCE "
-    "0.75 / 0.25). reference: lovt_reference (LoVT's code math)",
+    "0.75 / 0.25). reference: lovt_reference (LoVT's code math); floor: the within-sample score products of "
+    "regions and of sentences, forward and backward, as three plain batched matmuls each",
     "one_hot_local": "LocalAlignmentLoss('one_hot'), local -> attended only; no reference",
     "spatial_local": "LocalAlignmentLoss('spatial'), local -> attended only; no reference",
     "elvis_local": "LocalAlignmentLoss('intra_modal'), local -> attended only; no reference",
@@ -124,6 +126,12 @@ def _floor_fn(x: dict) -> Callable[[], None]:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
+def _lovt_floor_fn(x: dict) -> Callable[[], None]:
+    pairs = [(x[OutKeys.IMAGE_LOCAL], x[OutKeys.IMAGE_LOCAL_ATTENDED]), (x[OutKeys.TEXT_SENTENCE], x[OutKeys.TEXT_SENTENCE_ATTENDED])]
+    pairs = [(a.detach(), b.detach(), torch.randn(a.shape[0], a.shape[1], a.shape[1])) for a, b in pairs]
+    return lambda: [unit_pair_products(*p) for p in pairs]
+
+
 def _elapsed_ms(fn: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> float:
     start = clock()
     fn()
@@ -148,8 +156,9 @@ def run_loss_benchmark(
     Records: ``{"loss", "batch", "regions", "dim", "units", "fwd_ms", "fwd_bwd_ms", "reference_fwd_bwd_ms",
     "speedup", "floor_fwd_bwd_ms"}`` with ``regions`` as ``"7x7"``, ``units`` the sentences (words for the GLoRIA
     rows), ``reference_fwd_bwd_ms`` the time of the row's reference implementation (:data:`LOSS_DESCRIPTIONS`),
-    ``speedup`` = reference / ours (forward+backward), and ``floor_fwd_bwd_ms`` (GLoRIA rows) the time of the
-    word-region score products alone; ``None`` where a row has no reference or floor. Times are the best of
+    ``speedup`` = reference / ours (forward+backward), and ``floor_fwd_bwd_ms`` the time of the score products
+    alone (GLoRIA rows: word-region of all pairs; LoVT rows: within-sample region and sentence pairs); ``None``
+    where a row has no reference or floor. Times are the best of
     ``repeats`` runs, everything of a shape interleaved, after a warm-up round.
 
     ``flush_denormal`` flushes denormal floats to zero while it runs (as a CPU training run should: a peaky
@@ -197,6 +206,8 @@ def _run(losses, batches, grids, dims, sentences, words, repeats, progress, cloc
                 timed[f"{name}:reference"] = lambda ref=_reference_fn(name, x): fwd_bwd(ref)
         if any(name.startswith("gloria") for name in losses):
             timed["floor"] = _floor_fn(x)
+        if "lovt" in losses:
+            timed["lovt_floor"] = _lovt_floor_fn(x)
         best = dict.fromkeys(timed, float("inf"))
         for rep in range(repeats + 1):  # the first round is a warm-up
             for key, fn in timed.items():
@@ -206,7 +217,7 @@ def _run(losses, batches, grids, dims, sentences, words, repeats, progress, cloc
         for name in losses:
             ours = best[f"{name}:fwd_bwd"]
             ref = best.get(f"{name}:reference")
-            floor = best["floor"] if name.startswith("gloria") else None
+            floor = best["floor"] if name.startswith("gloria") else best["lovt_floor"] if name == "lovt" else None
             rec = {
                 "loss": name,
                 "batch": batch,

@@ -13,7 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gloria_code_reference", "gloria_paper_reference", "lovt_reference", "word_region_score_products"]
+__all__ = [
+    "gloria_code_reference", "gloria_paper_reference", "lovt_reference", "word_region_score_products",
+    "unit_pair_products",
+]  # fmt: skip
 
 
 def _gloria_reference(words, regions, word_mask, form, gamma1, gamma2, gamma3, weight):
@@ -111,3 +114,13 @@ def word_region_score_products(words: torch.Tensor, regions: torch.Tensor, grad:
     words @ regions.T
     grad @ regions
     grad.T @ words
+
+
+def unit_pair_products(local: torch.Tensor, attended: torch.Tensor, grad: torch.Tensor) -> None:
+    """The unavoidable work of any LoVT-style local loss of one modality: the within-sample scores
+    ``C = X Y^T`` of the local units ``X [B, M, d]`` against the attended units ``Y [B, M, d]``, and their two
+    backward products ``dX = dC Y`` and ``dY = dC^T X``, as three plain batched matrix products; ``grad``
+    ``[B, M, M]`` stands in for ``dC``."""
+    torch.bmm(local, attended.transpose(1, 2))
+    torch.bmm(grad, attended)
+    torch.bmm(grad.transpose(1, 2), local)
