@@ -79,7 +79,7 @@ class StudyConfig:
 EASY, HARD = "easy", "realistic"  # the phantom's difficulty settings the study runs on
 
 
-# the segmentation bundle's scheduler replaced by a constant rate (factor 1 for its first epochs, then none)
+# the segmentation bundle's cosine scheduler replaced by one that keeps the optimizer's rate (ConstantLR, factor 1)
 CONSTANT_LR = {"train#lr_scheduler": {"_target_": "torch.optim.lr_scheduler.ConstantLR", "optimizer": "@optimizer",
                                       "factor": 1.0}}
 

@@ -127,9 +127,14 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 
 def _lovt_floor_fn(x: dict) -> Callable[[], None]:
-    pairs = [(x[OutKeys.IMAGE_LOCAL], x[OutKeys.IMAGE_LOCAL_ATTENDED]), (x[OutKeys.TEXT_SENTENCE], x[OutKeys.TEXT_SENTENCE_ATTENDED])]
-    pairs = [(a.detach(), b.detach(), torch.randn(a.shape[0], a.shape[1], a.shape[1])) for a, b in pairs]
-    return lambda: [unit_pair_products(*p) for p in pairs]
+    keys = ((OutKeys.IMAGE_LOCAL, OutKeys.IMAGE_LOCAL_ATTENDED), (OutKeys.TEXT_SENTENCE, OutKeys.TEXT_SENTENCE_ATTENDED))
+    pairs = [(x[a].detach(), x[b].detach(), torch.randn(x[a].shape[0], x[a].shape[1], x[a].shape[1])) for a, b in keys]
+
+    def products() -> None:
+        for p in pairs:
+            unit_pair_products(*p)
+
+    return products
 
 
 def _elapsed_ms(fn: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> float:
