@@ -38,6 +38,7 @@ class OutKeys:
     IMAGE_LOCAL = "image_local"  # [B, N, d] projected regions v_i
     IMAGE_GLOBAL = "image_global"  # [B, d] projected global v
     IMAGE_GRID = "image_grid"  # (h, w) of the region grid
+    IMAGE_STRIDE = "image_stride"  # input pixels between region centres, region 0 centred on pixel 0 (or None)
     # text side
     TEXT_TOKEN_PRE = "text_token_pre"  # [B, L, D]
     TEXT_SENTENCE_PRE = "text_sentence_pre"  # [B, S, D] sentence features g_k before projection

@@ -214,7 +214,7 @@ def test_one_transform_is_overridden_from_the_command_line_form():
 
 ARCHITECTURE = ("image_size", "image_arch", "image_widen_factor", "image_output_stride", "image_global_pool",
                 "vocab_size", "text_config", "embed_dim", "shared_projection", "projection_layers",
-                "text_global_pooling", "grounding_text_feature", "grounding_similarity")  # fmt: skip
+                "text_global_pooling", "grounding_text_feature", "grounding_similarity", "grounding_sigma")  # fmt: skip
 
 
 def test_every_bundle_states_the_pretraining_architecture_alike():
@@ -231,7 +231,7 @@ def test_every_bundle_states_the_pretraining_architecture_alike():
             if key in config:
                 assert config[key] == record[key], (p.relative_to(ROOT).as_posix(), key, config[key], record[key])
                 checked += 1
-    assert checked >= 20  # grounding's 13, and the image encoder's of segmentation and classification
+    assert checked >= 20  # grounding's 14, and the image encoder's of segmentation and classification
 
 
 def test_eval_metrics_are_copied_from_the_evaluation_files(tmp_path):

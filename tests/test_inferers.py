@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from monai_elvis.engines import MetricsJSONHandler
-from monai_elvis.inferers import PhraseGroundingInferer, region_similarity_map
+from monai_elvis.inferers import PhraseGroundingInferer, region_similarity_map, upsample_region_map
 from monai_elvis.keys import OutKeys
 from monai_elvis.metrics import GroundingMetric
 from monai_elvis.networks import CXRImageEncoder, ElvisNet, ReportTextEncoder
@@ -26,6 +26,44 @@ def test_region_similarity_map_hand_computed():
     assert torch.allclose(raw, torch.tensor([[[[c, c], [-c, 1.0]]]]), atol=1e-6)
     norm = region_similarity_map(out, size=(4, 4))
     assert norm.shape == (1, 1, 4, 4) and float(norm.min()) == 0.0 and float(norm.max()) == 1.0
+
+
+def test_upsample_region_map_places_regions_at_receptive_field_centres():
+    heat = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    # stride 2: region i at pixel 2i; pixel 1 halfway between regions 0 and 1; pixel 3 past the last region
+    aligned = upsample_region_map(heat, (4, 4), stride=2)
+    assert torch.allclose(aligned[0, 0], torch.tensor([[0.0, 0.5, 1.0, 1.0], [1.0, 1.5, 2.0, 2.0],
+                                                       [2.0, 2.5, 3.0, 3.0], [2.0, 2.5, 3.0, 3.0]]))  # fmt: skip
+    cells = upsample_region_map(heat, (4, 4))  # cells of 2 px: values at pixel 0.5 and 2.5
+    assert torch.allclose(cells[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    one = torch.zeros(1, 1, 8, 6)
+    one[0, 0, 3, 4] = 1.0
+    one[0, 0, 7, 5] = 0.5  # the last region of both axes
+    up = upsample_region_map(one, (128, 96), stride=16)[0, 0]
+    assert up.shape == (128, 96) and divmod(int(up.argmax()), 96) == (48, 64)
+    assert float(up[48, 64]) == pytest.approx(1.0) and float(up[56, 64]) == pytest.approx(0.5)
+    assert torch.allclose(up[112:, 80:], torch.full((16, 16), 0.5))  # past the last region: its value
+    with pytest.raises(ValueError, match="stride"):
+        upsample_region_map(heat, (4, 4), stride=0)
+
+
+def test_region_placement_matches_the_encoders_receptive_fields():
+    """The pixels that can change region ``(i, j)`` of a :class:`CXRImageEncoder` span a box centred on
+    ``(i * stride, j * stride)``, where ``"receptive_field"`` placement puts it (cells would put it 7.5 px further)."""
+    for stride in (16, 32):
+        enc = CXRImageEncoder("resnet18", 1, 0.125, output_stride=stride).eval()
+        with torch.no_grad():
+            for m in enc.modules():  # positive weights: every pixel of the receptive field reaches the region
+                if isinstance(m, torch.nn.Conv2d):
+                    m.weight.fill_(0.01)
+        image = (torch.rand(1, 1, 640, 640, generator=torch.Generator().manual_seed(0)) + 1.0).requires_grad_()
+        local, _, grid = enc.forward_with_grid(image)
+        i, j = grid[0] // 2, grid[1] // 2 - 1
+        local[0, i * grid[1] + j].sum().backward()
+        rows, cols = (image.grad[0, 0].abs() > 0).nonzero().T
+        centre = ((rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2)
+        assert 0 < int(rows.min()) and int(rows.max()) < 639  # the whole receptive field inside the image
+        assert abs(float(centre[0]) - i * stride) <= 1 and abs(float(centre[1]) - j * stride) <= 1, (stride, centre)
 
 
 def test_phrase_grounding_inferer_on_elvis_net():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,17 +10,55 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.networks.layers import GaussianFilter
+from monai.utils import StrEnum
 
 from monai_elvis.keys import Keys, OutKeys
-from monai_elvis.utils import l2_normalize
+from monai_elvis.utils import check_option, l2_normalize
 
-__all__ = ["PhraseGroundingInferer", "region_similarity_map", "TEXT_META_KEYS"]
+__all__ = ["PhraseGroundingInferer", "RegionPlacement", "region_similarity_map", "upsample_region_map", "TEXT_META_KEYS"]
 
 TEXT_META_KEYS = (Keys.INPUT_IDS, Keys.ATTENTION_MASK, Keys.SENTENCE_INDEX)
 
 
+class RegionPlacement(StrEnum):
+    """Where :func:`upsample_region_map` puts the value of each region of the grid on the image.
+
+    - ``"receptive_field"``: region ``i`` at pixel ``i * stride``, the centre of its receptive field in a CNN whose
+      convolutions are padded by half their kernel (a ``k x k``, stride-``s`` convolution padded by ``k // 2``
+      centres its output ``i`` on input ``s * i``; so do MONAI's ResNets and :class:`CXRImageEncoder`).
+    - ``"cell"``: each region a cell of ``size / g`` pixels, its value at the cell's centre (as for the patches of a
+      vision transformer). On a padded CNN this shifts the map by ``(stride - 1) / 2`` pixels along each axis,
+      half a region.
+    """
+
+    RECEPTIVE_FIELD = "receptive_field"
+    CELL = "cell"
+
+
+def upsample_region_map(heat: torch.Tensor, size: Sequence[int], stride: float | None = None) -> torch.Tensor:
+    """Bilinear upsampling of a region map ``[B, C, g1, g2]`` to ``size`` pixels: ``[B, C, *size]``.
+
+    With ``stride`` (the encoder's output stride), region ``i`` is placed at pixel ``i * stride``
+    (:attr:`RegionPlacement.RECEPTIVE_FIELD`), and pixels past the last region take its value; ``None`` treats
+    each region as a cell with its value at the cell's centre (:attr:`RegionPlacement.CELL`,
+    ``F.interpolate(..., align_corners=False)``).
+    """
+    if stride is None:
+        return F.interpolate(heat, size=tuple(size), mode="bilinear", align_corners=False)
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}.")
+    axes = []
+    for n, s in zip(heat.shape[-2:], size):
+        pos = torch.arange(int(s), device=heat.device, dtype=heat.dtype) / float(stride)  # grid coordinate of each pixel
+        axes.append(pos * (2.0 / (n - 1)) - 1.0 if n > 1 else torch.zeros_like(pos))
+    g1, g2 = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    grid = torch.stack([g2, g1], dim=-1).expand(heat.shape[0], -1, -1, -1)  # grid_sample's (last axis, first axis)
+    return F.grid_sample(heat, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = None, normalize: bool = True,
-                          sigma: float = 0.0, text_feature: str = "sentence", similarity: str = "cosine") -> torch.Tensor:  # fmt: skip
+                          sigma: float = 0.0, text_feature: str = "sentence", similarity: str = "cosine",
+                          placement: RegionPlacement | str = RegionPlacement.RECEPTIVE_FIELD) -> torch.Tensor:  # fmt: skip
     """Cosine similarity between each projected region ``v_i`` and the phrase, as a ``[B, 1, h, w]`` map from the
     output dict of :class:`~monai_elvis.networks.ElvisNet`. The phrase is its first sentence's projected feature
     ``t_0`` (``text_feature="sentence"``) or its projected global feature ``t`` (``"global"``: the text
@@ -27,8 +66,11 @@ def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = No
     (``<v_i, t / |t|>``): a region's share of the image-phrase score when the global feature pools the regions, as
     in class activation maps; ``"cosine"`` normalises each region.
 
-    It is bilinearly upsampled to ``size`` when given, then smoothed by a Gaussian of standard deviation ``sigma``
-    pixels (of that size; 0: none), then min-max scaled per image to ``[0, 1]`` when ``normalize``.
+    It is bilinearly upsampled to ``size`` when given (:func:`upsample_region_map`; with ``placement
+    "receptive_field"`` each region sits at the centre of its receptive field, from the output's
+    ``OutKeys.IMAGE_STRIDE``; without one, or with ``"cell"``, regions are cells), then smoothed by a Gaussian of
+    standard deviation ``sigma`` pixels (of that size; 0: none), then min-max scaled per image to ``[0, 1]`` when
+    ``normalize``.
     """
     if similarity not in ("cosine", "dot"):
         raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}.")
@@ -45,7 +87,9 @@ def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = No
         grid = (side, sim.shape[1] // side)
     heat = sim.view(sim.shape[0], 1, *grid)
     if size is not None:
-        heat = F.interpolate(heat, size=tuple(size), mode="bilinear", align_corners=False)
+        placement = check_option(placement, RegionPlacement, "placement")
+        stride = out.get(OutKeys.IMAGE_STRIDE) if placement == RegionPlacement.RECEPTIVE_FIELD else None
+        heat = upsample_region_map(heat, tuple(size), stride)
     if sigma > 0:
         heat = GaussianFilter(2, sigma).to(heat.device)(heat)
     if normalize:
@@ -69,11 +113,15 @@ class PhraseGroundingInferer(Inferer):
         sigma: Gaussian smoothing of the upsampled map, in pixels of the network input (0: none).
         text_feature: the phrase's ``"sentence"`` or ``"global"`` feature (see :func:`region_similarity_map`).
         similarity: ``"cosine"`` or ``"dot"`` (see :func:`region_similarity_map`).
+        placement: where each region's value goes on the image (:class:`RegionPlacement`): at the centre of its
+            receptive field (the default; needs the network's ``OutKeys.IMAGE_STRIDE``) or as a cell.
     """
 
     def __init__(self, normalize: bool = True, sigma: float = 0.0, text_feature: str = "sentence",
-                 similarity: str = "cosine") -> None:  # fmt: skip
+                 similarity: str = "cosine",
+                 placement: RegionPlacement | str = RegionPlacement.RECEPTIVE_FIELD) -> None:  # fmt: skip
         super().__init__()
+        self.placement = check_option(placement, RegionPlacement, "placement")
         self.normalize = normalize
         self.sigma = float(sigma)
         self.text_feature = text_feature
@@ -84,7 +132,7 @@ class PhraseGroundingInferer(Inferer):
             kwargs = self._text_from_meta(inputs)
         out = network(inputs, *args, **kwargs)
         return region_similarity_map(out, tuple(inputs.shape[-2:]), self.normalize, self.sigma, self.text_feature,
-                                     self.similarity)
+                                     self.similarity, self.placement)
 
     @staticmethod
     def _text_from_meta(inputs: torch.Tensor) -> dict[str, torch.Tensor]:

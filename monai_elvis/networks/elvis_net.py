@@ -38,7 +38,9 @@ class ElvisNet(nn.Module):
 
     ``forward(image [B, c, H, W], input_ids [B, L], attention_mask [B, L], sentence_index [B, L])`` returns a dict
     keyed by :class:`~monai_elvis.keys.OutKeys`: pre- and post-projection global and local features of both
-    modalities, the token and sentence masks, the region grid size and the cross-attended features
+    modalities, the token and sentence masks, the region grid size, the image encoder's ``output_stride`` (where
+    it has one: the pixels between region centres, which :func:`~monai_elvis.inferers.region_similarity_map` uses
+    to place the regions on the image) and the cross-attended features
     ``v'_i`` (regions attending to sentences) and ``t'_k`` (sentences attending to regions). With the optional
     ``word_index [B, L]`` it also returns whole words (GLoRIA's): ``text_word_pre`` (token features summed per
     word, :func:`~monai_elvis.networks.text_encoder.pool_words`), ``text_word`` (projected by the local text
@@ -94,6 +96,7 @@ class ElvisNet(nn.Module):
             OutKeys.IMAGE_LOCAL: self.image_local_head(local),
             OutKeys.IMAGE_GLOBAL: self.image_global_head(global_),
             OutKeys.IMAGE_GRID: grid,
+            OutKeys.IMAGE_STRIDE: getattr(self.image_encoder, "output_stride", None),
         }
         if weights is not None:
             out[OutKeys.IMAGE_LOCAL_WEIGHTS] = weights
