@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.networks.layers import GaussianFilter
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
 from monai.utils import StrEnum
 
 from monai_elvis.keys import Keys, OutKeys
@@ -47,13 +48,22 @@ def upsample_region_map(heat: torch.Tensor, size: Sequence[int], stride: float |
         return F.interpolate(heat, size=tuple(size), mode="bilinear", align_corners=False)
     if stride <= 0:
         raise ValueError(f"stride must be positive, got {stride}.")
+    heat = heat.float()  # pixel positions in float32: bfloat16 cannot count past 256
     axes = []
     for n, s in zip(heat.shape[-2:], size):
-        pos = torch.arange(int(s), device=heat.device, dtype=heat.dtype) / float(stride)  # grid coordinate of each pixel
+        pos = torch.arange(int(s), device=heat.device, dtype=torch.float32) / float(stride)  # grid coordinate of each pixel
         axes.append(pos * (2.0 / (n - 1)) - 1.0 if n > 1 else torch.zeros_like(pos))
     g1, g2 = torch.meshgrid(axes[0], axes[1], indexing="ij")
     grid = torch.stack([g2, g1], dim=-1).expand(heat.shape[0], -1, -1, -1)  # grid_sample's (last axis, first axis)
     return F.grid_sample(heat, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def smooth_map(heat: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of ``[B, C, H, W]`` maps, ``sigma`` pixels, with the borders replicated: MONAI's
+    ``GaussianFilter`` pads with zeros, which for a ``sigma`` of a sizeable share of the image lowers the map
+    towards its borders (a flat map becomes a dome) and so biases its peak towards the centre."""
+    kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf").to(heat.device)
+    return separable_filtering(heat.float(), [kernel, kernel], mode="replicate")
 
 
 def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = None, normalize: bool = True,
@@ -91,7 +101,7 @@ def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = No
         stride = out.get(OutKeys.IMAGE_STRIDE) if placement == RegionPlacement.RECEPTIVE_FIELD else None
         heat = upsample_region_map(heat, tuple(size), stride)
     if sigma > 0:
-        heat = GaussianFilter(2, sigma).to(heat.device)(heat)
+        heat = smooth_map(heat, sigma)
     if normalize:
         flat = heat.flatten(1)
         lo, hi = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
