@@ -247,8 +247,8 @@ class StudyRunner:
             parser.update({"image_size": self.cfg.image_size})
         arch = {k: parser[k] for k in ("image_arch", "image_widen_factor", "image_output_stride", "image_global_pool",
                                        "embed_dim", "shared_projection", "projection_layers", "text_global_pooling",
-                                       "grounding_text_feature", "grounding_similarity", "text_model", "vocab_size",
-                                       "text_config")}  # fmt: skip
+                                       "grounding_text_feature", "grounding_similarity", "grounding_sigma", "text_model",
+                                       "vocab_size", "text_config")}  # fmt: skip
         return {"ckpt_dir": str(root / "models"), "tokenizer_dir": str(self.tokenizer_dir), **arch,
                 "image_size": parser.get_parsed_content("image_size"), "dataset_dir": str(self._dataset(phantom))}  # fmt: skip
 

@@ -9,6 +9,7 @@ import torch
 
 from monai_elvis.engines import MetricsJSONHandler
 from monai_elvis.inferers import PhraseGroundingInferer, region_similarity_map, upsample_region_map
+from monai_elvis.inferers.grounding import smooth_map
 from monai_elvis.keys import OutKeys
 from monai_elvis.metrics import GroundingMetric
 from monai_elvis.networks import CXRImageEncoder, ElvisNet, ReportTextEncoder
@@ -47,10 +48,42 @@ def test_upsample_region_map_places_regions_at_receptive_field_centres():
         upsample_region_map(heat, (4, 4), stride=0)
 
 
+def test_region_similarity_map_places_regions_by_the_networks_stride():
+    """ElvisNet returns its encoder's output stride; the map uses it unless told to place regions as cells."""
+    net = ElvisNet(CXRImageEncoder("resnet18", 1, 0.125, output_stride=16),
+                   ReportTextEncoder(config={"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "intermediate_size": 32}), embed_dim=8).eval()  # fmt: skip
+    with torch.no_grad():
+        out = net.encode_image(torch.randn(1, 1, 64, 64))
+    assert out[OutKeys.IMAGE_STRIDE] == 16 and out[OutKeys.IMAGE_GRID] == (4, 4)
+    regions = torch.zeros(1, 16, 2)
+    regions[0, 1 * 4 + 2] = torch.tensor([1.0, 0.0])  # region (1, 2) alone matches the phrase
+    out = {OutKeys.IMAGE_LOCAL: regions, OutKeys.TEXT_GLOBAL: torch.tensor([[1.0, 0.0]]), OutKeys.IMAGE_GRID: (4, 4),
+           OutKeys.IMAGE_STRIDE: 16}  # fmt: skip
+    aligned = region_similarity_map(out, (64, 64), text_feature="global", similarity="dot")
+    cells = region_similarity_map(out, (64, 64), text_feature="global", similarity="dot", placement="cell")
+    assert divmod(int(aligned.flatten().argmax()), 64) == (16, 32)  # pixel (1 * 16, 2 * 16)
+    assert float(cells[0, 0, 24, 40]) == pytest.approx(1.0)  # the cell's centre, (1 + 0.5) * 16 - 0.5 rounded up
+    assert float(cells[0, 0, 16, 32]) < 0.6
+    with pytest.raises(ValueError, match="placement"):
+        region_similarity_map(out, (64, 64), text_feature="global", placement="corner")
+
+
+def test_smoothing_keeps_a_flat_map_flat():
+    """The borders are replicated: a constant map stays constant (zero padding would lower it towards the borders,
+    a dome that pulls every peak to the centre), and smoothing keeps the total of a map far from the borders."""
+    flat = torch.full((1, 1, 64, 48), 0.7)
+    assert torch.allclose(smooth_map(flat, 16.0), flat, atol=1e-5)
+    spot = torch.zeros(1, 1, 64, 64)
+    spot[0, 0, 30, 33] = 1.0
+    smoothed = smooth_map(spot, 2.0)
+    assert float(smoothed.sum()) == pytest.approx(1.0, abs=1e-5) and divmod(int(smoothed.argmax()), 64) == (30, 33)
+
+
 def test_region_placement_matches_the_encoders_receptive_fields():
     """The pixels that can change region ``(i, j)`` of a :class:`CXRImageEncoder` span a box centred on
     ``(i * stride, j * stride)``, where ``"receptive_field"`` placement puts it (cells would put it 7.5 px further)."""
-    for stride in (16, 32):
+    for stride in (8, 16, 32):
         enc = CXRImageEncoder("resnet18", 1, 0.125, output_stride=stride).eval()
         with torch.no_grad():
             for m in enc.modules():  # positive weights: every pixel of the receptive field reaches the region

@@ -62,7 +62,7 @@ def smooth_map(heat: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian smoothing of ``[B, C, H, W]`` maps, ``sigma`` pixels, with the borders replicated: MONAI's
     ``GaussianFilter`` pads with zeros, which for a ``sigma`` of a sizeable share of the image lowers the map
     towards its borders (a flat map becomes a dome) and so biases its peak towards the centre."""
-    kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf").to(heat.device)
+    kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf", normalize=True).to(heat.device)
     return separable_filtering(heat.float(), [kernel, kernel], mode="replicate")
 
 
@@ -76,11 +76,11 @@ def region_similarity_map(out: dict[str, Any], size: tuple[int, int] | None = No
     (``<v_i, t / |t|>``): a region's share of the image-phrase score when the global feature pools the regions, as
     in class activation maps; ``"cosine"`` normalises each region.
 
-    It is bilinearly upsampled to ``size`` when given (:func:`upsample_region_map`; with ``placement
-    "receptive_field"`` each region sits at the centre of its receptive field, from the output's
-    ``OutKeys.IMAGE_STRIDE``; without one, or with ``"cell"``, regions are cells), then smoothed by a Gaussian of
-    standard deviation ``sigma`` pixels (of that size; 0: none), then min-max scaled per image to ``[0, 1]`` when
-    ``normalize``.
+    It is bilinearly upsampled to ``size`` (the network input's size, in whose pixels the stride counts) when
+    given (:func:`upsample_region_map`; with ``placement "receptive_field"`` each region sits at the centre of its
+    receptive field, from the output's ``OutKeys.IMAGE_STRIDE``; without one, or with ``"cell"``, regions are
+    cells), then smoothed by a Gaussian of standard deviation ``sigma`` pixels (:func:`smooth_map`, borders
+    replicated; 0: none), then min-max scaled per image to ``[0, 1]`` when ``normalize``.
     """
     if similarity not in ("cosine", "dot"):
         raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}.")
