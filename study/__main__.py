@@ -83,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                      help="objectives also pre-trained and measured on the realistic (harder) phantom")
     run.add_argument("--seg-objectives", nargs="*", default=None, choices=OBJECTIVES,
                      help="objectives whose encoders are fine-tuned for segmentation (default: all)")
-    run.add_argument("--seg-iterations", type=int, default=StudyConfig.seg_iterations)
+    run.add_argument("--seg-seeds", type=int, default=StudyConfig.seg_seeds,
+                     help="how many of --seeds (the first ones) segment; 0: all")
+    run.add_argument("--seg-iterations", type=int, default=StudyConfig.seg_iterations,
+                     help="training steps of each segmentation run (the curve in the report says whether enough)")
     run.add_argument("--seg-curve-epochs", type=int, default=StudyConfig.seg_curve_epochs,
                      help="epochs of the from-scratch segmentation curve (0: none)")
     run.add_argument("--seg-curve-epoch-length", type=int, default=StudyConfig.seg_curve_epoch_length)
-    run.add_argument("--seg-batch-size", type=int, default=16)
+    run.add_argument("--seg-batch-size", type=int, default=StudyConfig.seg_batch_size)
+    run.add_argument("--seg-learning-rate", type=float, default=StudyConfig.seg_learning_rate)
     run.add_argument("--seg-fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     run.add_argument("--seg-modes", nargs="+", default=["frozen", "finetune"], choices=["frozen", "finetune"])
     run.add_argument("--segmentation-overlay", default=None, help="e.g. configs/segmentation/paper.json")
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                           hard_dataset_dir=args.hard_dataset_dir, hard_objectives=args.hard_objectives,
                           seg_objectives=args.seg_objectives, seg_curve_epochs=args.seg_curve_epochs,
                           seg_curve_epoch_length=args.seg_curve_epoch_length, seg_iterations=args.seg_iterations, seg_batch_size=args.seg_batch_size,
+                          seg_seeds=args.seg_seeds or None, seg_learning_rate=args.seg_learning_rate,
                           seg_fractions=args.seg_fractions, seg_modes=args.seg_modes, segmentation_overlay=args.segmentation_overlay,
                           phantom_num=args.phantom_num, image_size=args.image_size, num_workers=args.num_workers,
                           tokenizer_dir=args.tokenizer_dir)  # fmt: skip

@@ -238,8 +238,13 @@ def summary_tables(records: Sequence[dict], items: dict | None = None) -> dict[s
     out["dice"], out["dice_differences"], out["found_dice"] = segmentation_tables(records, items, seeds)
     curve = next((r for r in records if r.get("step") == "seg_curve"), None)
     if curve:
-        lines = ["| steps | validation Dice |", "| ---: | ---: |"]
-        lines += [f"| {c['iterations']} | {c['val_mean_dice']:.3f} |" for c in curve["curve"] if c["val_mean_dice"] is not None]
+        classes = list(curve["curve"][0].get("per_class", {})) if curve["curve"] else []
+        lines = ["| steps | validation Dice | " + " | ".join(classes) + (" |" if classes else ""),
+                 "| ---: | ---: |" + " ---: |" * len(classes)]  # fmt: skip
+        for c in curve["curve"]:
+            if c["val_mean_dice"] is not None:
+                per = [f"{c['per_class'][k]:.3f}" if c["per_class"].get(k) is not None else "n/a" for k in classes]
+                lines.append(f"| {c['iterations']} | {c['val_mean_dice']:.3f} |" + "".join(f" {v} |" for v in per))
         out["seg_curve"] = "\n".join(lines)
     return out
 
@@ -393,6 +398,20 @@ def _length_plot(records: Sequence[dict], items: dict, out_dir: Path, plt) -> li
     return [_save(fig, out_dir / "length_axis.png", plt)]
 
 
+def classes_learnt_at(points: Sequence[dict], share: float = 0.5) -> dict[str, int]:
+    """For each class of the curve's ``per_class`` Dice that the model learns at all (a best above 0), the first
+    step at which its Dice reaches ``share`` of its best on the curve. A class never above 0 is left out: the
+    model cannot learn it in the curve's length."""
+    classes = {k for c in points for k in c.get("per_class", {})}
+    out = {}
+    for k in sorted(classes):
+        values = [(c["iterations"], c["per_class"].get(k)) for c in points if c.get("per_class", {}).get(k) is not None]
+        best = max((v for _, v in values), default=0.0)
+        if best > 0:
+            out[k] = next(i for i, v in values if v >= share * best)
+    return out
+
+
 def schedule_summary(records: Sequence[dict], seg_iterations: int | None, share: float = 0.95) -> str:
     """What the from-scratch curve says of the study's segmentation schedule: its Dice at ``seg_iterations``
     against the curve's best, the first step at ``share`` of that best, and what a schedule of that length would
@@ -413,11 +432,20 @@ def schedule_summary(records: Sequence[dict], seg_iterations: int | None, share:
     if at is not None:
         text += (f" At {at['iterations']} steps, the nearest point at or below the study's {seg_iterations}, it is "
                  f"{at['val_mean_dice']:.3f}.")
+    learnt = classes_learnt_at(points)
+    if learnt:
+        last = max(learnt.values())
+        text += (" Every class it learns reaches half its best Dice by " + f"{last} steps ("
+                 + ", ".join(f"{k} {v}" for k, v in sorted(learnt.items(), key=lambda kv: (kv[1], kv[0]))) + ")"
+                 + (f"; {', '.join(sorted(set(points[0].get('per_class', {})) - set(learnt)))} never above 0"
+                    if set(points[0].get("per_class", {})) - set(learnt) else "")
+                 + (f", within the study's {seg_iterations}." if last <= seg_iterations
+                    else f", after the study's {seg_iterations}."))  # fmt: skip
     if runs and reach["iterations"] > seg_iterations:
         outside = sum(max(0.0, r["seconds"] - seg_iterations * per_step) for r in runs) / len(runs)
         minutes = len(runs) * (outside + reach["iterations"] * per_step) / 60
         spent = sum(r["seconds"] for r in runs) / 60
-        text += (f" The study's schedule is therefore short of the plateau: at {per_step:.2f} s a step (the curve's "
+        text += (f" The study's schedule is short of the plateau: at {per_step:.2f} s a step (the curve's "
                  f"time, validations included), its {len(runs)} segmentation runs at {reach['iterations']} steps "
                  f"would take about {minutes:.0f} minutes, against {spent:.0f} for {seg_iterations} steps.")
     return text
@@ -428,16 +456,20 @@ def _curve_plot(records: Sequence[dict], out_dir: Path, plt, seg_iterations: int
     curve = next((r for r in records if r.get("step") == "seg_curve"), None)
     if not curve:
         return []
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     points = [c for c in curve["curve"] if c["val_mean_dice"] is not None]
-    ax.plot([c["iterations"] for c in points], [c["val_mean_dice"] for c in points], marker="o", label="from scratch, 100% labels")
+    ax.plot([c["iterations"] for c in points], [c["val_mean_dice"] for c in points], marker="o", color="black",
+            label="mean over classes")  # fmt: skip
+    for k in sorted({k for c in points for k in c.get("per_class", {})}):
+        xy = [(c["iterations"], c["per_class"][k]) for c in points if c.get("per_class", {}).get(k) is not None]
+        ax.plot([x for x, _ in xy], [y for _, y in xy], linewidth=1, alpha=0.8, label=k)
     if seg_iterations:
         ax.axvline(seg_iterations, color="grey", linestyle="--", label=f"the study's schedule ({seg_iterations} steps)")
     ax.set_xlabel("training steps")
-    ax.set_ylabel("validation mean Dice")
+    ax.set_ylabel("validation Dice")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.set_title("Segmentation learning curve (chooses the schedule)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("From scratch, 100% of the labels: the curve that chooses the schedule", fontsize=9)
     return [_save(fig, out_dir / "seg_curve.png", plt)]
 
 
@@ -592,13 +624,20 @@ def _settings_text(config: dict, records: Sequence[dict]) -> list[str]:
         f"- Training-length axis: {', '.join(LABELS[o] for o in config.get('length_objectives', []))} also for "
         f"{config.get('length_epochs')} epochs.",
         f"- Realistic (harder) phantom: {', '.join(LABELS[o] for o in config.get('hard_objectives', []))}.",
-        f"- Segmentation: {', '.join(LABELS[o] for o in seg_objs)}; {config.get('seg_iterations')} steps of batch "
-        f"{config.get('seg_batch_size')} at {', '.join(_pct(f) for f in config.get('seg_fractions', []))} of the labels, "
-        "encoder frozen (a decoder trained on it) and fine-tuned; random init fine-tuned is training from scratch.",
+        f"- Segmentation: {', '.join(LABELS[o] for o in seg_objs)}; {_seg_seeds(config)}{config.get('seg_iterations')} "
+        f"steps of batch {config.get('seg_batch_size')} at a constant learning rate of "
+        f"{config.get('seg_learning_rate', 0.001):g}, at {', '.join(_pct(f) for f in config.get('seg_fractions', []))} "
+        "of the labels, encoder frozen (a decoder trained on it) and fine-tuned; random init fine-tuned is training "
+        "from scratch.",
         "- Intervals: ELVIS minus the baseline, 95% paired bootstrap over seeds and test items (2,000 resamples, "
         "`study/stats.py`); **bold** where the interval excludes 0. Mean ± sample standard deviation over seeds "
         "elsewhere.",
     ]
+
+
+def _seg_seeds(config: dict) -> str:
+    seeds, count = list(config.get("seeds", [])), config.get("seg_seeds")
+    return "" if count is None or count >= len(seeds) else f"seeds {seeds[:count]}; "
 
 
 def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | Path | None = None) -> Path:
@@ -670,8 +709,8 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
                  "ELVIS minus each baseline:", "", tables["dice_differences"], ""]  # fmt: skip
     if tables.get("seg_curve"):
         text += ["## The segmentation schedule", "", "Validation Dice of a model trained from scratch on every label, "
-                 "after each epoch of its run, at the constant learning rate of the study's runs (the study's schedule is "
-                 "marked on `seg_curve.png`):", "",
+                 "in all and of each class, after each epoch of its run, at the batch size and constant learning rate "
+                 "of the study's runs (the study's schedule is marked on `seg_curve.png`):", "",
                  tables["seg_curve"], ""]  # fmt: skip
         summary = schedule_summary(records, config.get("seg_iterations"))
         text += [textwrap.fill(summary, 120), ""] if summary else []

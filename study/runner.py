@@ -31,8 +31,11 @@ class StudyConfig:
     ``length_objectives`` are also pre-trained for each of ``length_epochs`` (the training-length axis);
     ``hard_objectives`` are pre-trained on the harder, realistic phantom in ``hard_dataset_dir`` (its
     retrieval, locality and grounding figures; no segmentation). Segmentation fine-tunes ``seg_objectives``
-    (all objectives when None) for ``seg_iterations`` steps, a length chosen from the curve of a model trained
-    from scratch (``seg_curve_epochs`` x ``seg_curve_epoch_length`` steps, validated after each epoch).
+    (all objectives when None) of the first ``seg_seeds`` seeds (all when None) for ``seg_iterations`` steps of
+    ``seg_batch_size`` images at the constant rate ``seg_learning_rate``, a length chosen from the curve of a model
+    trained from scratch (``seg_curve_epochs`` x ``seg_curve_epoch_length`` steps, validated after each epoch on
+    ``seg_val_items`` images, each class on its own). The ``seg_*`` settings may change between invocations: the
+    segmentation steps then run again on the pre-trained models already there (see :class:`StudyRunner`).
     """
 
     work_dir: str = "runs/study"
@@ -50,11 +53,13 @@ class StudyConfig:
     seg_objectives: Sequence[str] | None = None
     seg_fractions: Sequence[float] = (0.01, 0.1, 1.0)
     seg_modes: Sequence[str] = ("frozen", "finetune")
-    seg_iterations: int = 40
-    seg_curve_epochs: int = 20
+    seg_seeds: int | None = 3
+    seg_iterations: int = 300
+    seg_curve_epochs: int = 12
     seg_curve_epoch_length: int = 50
-    seg_batch_size: int = 16
-    seg_val_items: int = 32
+    seg_batch_size: int = 8
+    seg_learning_rate: float = 0.01
+    seg_val_items: int = 64
     split: str = "test"  # where locality, retrieval and grounding are measured; "validation" for tuning
     heatmap_phrases: int = 4  # 0: no heatmap figure
     num_workers: int = 0
@@ -74,9 +79,20 @@ class StudyConfig:
             raise ValueError(f"seg_modes must be 'frozen' or 'finetune', got {bad}.")
         if any(e < 1 for e in [self.pretrain_epochs, *self.length_epochs]):
             raise ValueError("pre-training lengths (pretrain_epochs, length_epochs) must be at least 1 epoch.")
+        if self.seg_seeds is not None and self.seg_seeds < 1:
+            raise ValueError(f"seg_seeds is the number of seeds that segment (None: all), got {self.seg_seeds}.")
+        if self.seg_iterations < 1 or self.seg_batch_size < 1 or self.seg_learning_rate <= 0:
+            raise ValueError("seg_iterations, seg_batch_size and seg_learning_rate must be positive, got "
+                             f"{self.seg_iterations}, {self.seg_batch_size}, {self.seg_learning_rate}.")  # fmt: skip
 
 
 EASY, HARD = "easy", "realistic"  # the phantom's difficulty settings the study runs on
+SEG_STEPS = ("segmentation", "seg_curve")  # the records the seg_* settings make
+
+
+def is_seg_setting(name: str) -> bool:
+    """The settings of the segmentation steps alone: changing them re-runs those steps, not pre-training."""
+    return name.startswith("seg_") or name == "segmentation_overlay"
 
 
 # the segmentation bundle's cosine scheduler replaced by one that keeps the optimizer's rate (ConstantLR, factor 1)
@@ -114,11 +130,31 @@ class StudyRunner:
             seeds = previous.get("seeds", defaults["seeds"])
             if settings["seeds"][: len(seeds)] == seeds:  # more seeds after the same ones extend the study
                 changed = [k for k in changed if k != "seeds"]
-            if changed:  # resuming with other settings would mix results of two studies in one table
+            if [k for k in changed if not is_seg_setting(k)]:  # would mix results of two studies in one table
                 raise ValueError(f"{self.work} holds a study run with other settings ({', '.join(changed)}): "
                                  "use another --work-dir, or the same settings to resume (--seeds may add "
-                                 "seeds after the ones it has).")  # fmt: skip
+                                 "seeds after the ones it has; the seg_* settings may change).")  # fmt: skip
+            if changed:
+                self._supersede_segmentation(changed)
         previous_file.write_text(json.dumps(settings, indent=1))
+
+    def _supersede_segmentation(self, changed: Sequence[str]) -> None:
+        """Other segmentation settings: the segmentation records (and their per-item files) made with the old ones
+        move to ``records_superseded.jsonl`` and ``items_superseded/``, so the report never mixes two schedules
+        and nothing is deleted; pre-training, evaluation and grounding records stay and are reused."""
+        old = [r for r in self.records if r.get("step") in SEG_STEPS]
+        if not old:
+            return
+        logger.warning("study: segmentation settings changed (%s): %d segmentation records superseded, kept in %s",
+                       ", ".join(changed), len(old), self.work / "records_superseded.jsonl")  # fmt: skip
+        with open(self.work / "records_superseded.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in old)
+        self.records = [r for r in self.records if r.get("step") not in SEG_STEPS]
+        self.records_file.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        items, kept = self.work / "items", self.work / "items_superseded"
+        for path in sorted(items.glob("seg_*.json")) if items.is_dir() else []:
+            kept.mkdir(exist_ok=True)
+            path.replace(kept / path.name)
 
     # ------------------------------------------------------------------ bookkeeping
     def _load_records(self) -> list[dict]:
@@ -283,7 +319,8 @@ class StudyRunner:
         g = self._grounding_overrides(root or self.work)
         return dict(bundle_root=str(seg_root), dataset_dir=g["dataset_dir"], seed=seed, image_size=g["image_size"],
                     image_arch=g["image_arch"], image_widen_factor=g["image_widen_factor"], prepare_phantom=False,
-                    num_workers=self.cfg.num_workers, cache_rate=0.0)  # fmt: skip
+                    num_workers=self.cfg.num_workers, cache_rate=0.0, batch_size=self.cfg.seg_batch_size,
+                    learning_rate=self.cfg.seg_learning_rate)  # fmt: skip
 
     def _seg_files(self) -> list[str]:
         files = _bundle("elvis_cxr_segmentation", "train.json")
@@ -295,9 +332,17 @@ class StudyRunner:
         return {"validate#data": "$monai_elvis.data.datalist_split(@datalist, 'validation', @dataset_dir, "
                                  f"@path_keys)[:{self.cfg.seg_val_items}]"}  # fmt: skip
 
+    def _seg_class_names(self) -> list[str]:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(self._seg_files())
+        return list(parser["class_names"])
+
     def segmentation_curve(self) -> dict | None:
         """The validation Dice of a segmentation model trained from scratch on every label, after each of
-        ``seg_curve_epochs`` epochs of ``seg_curve_epoch_length`` steps: the curve that sizes ``seg_iterations``.
+        ``seg_curve_epochs`` epochs of ``seg_curve_epoch_length`` steps, in all and of each class (``per_class``;
+        None where no validation image has the class): the curve that sizes ``seg_iterations``.
 
         The learning rate stays constant, as in the study's runs (one epoch each, whose cosine schedule of one epoch
         lowers the rate only after their last step); with the bundle's cosine over the curve's epochs, the curve
@@ -311,16 +356,19 @@ class StudyRunner:
         if seg_root.exists():
             shutil.rmtree(seg_root)
         start = time.time()
+        classes = self._seg_class_names()[1:]
         _run_bundle(self._seg_files(), _bundle("elvis_cxr_segmentation", "metadata.json")[0],
                     **self._seg_common(None, self.cfg.seeds[0], seg_root), label_fraction=1.0, pretrained_ckpt=None,
                     freeze_encoder=False, max_epochs=self.cfg.seg_curve_epochs,
-                    epoch_length=self.cfg.seg_curve_epoch_length, val_interval=1, batch_size=self.cfg.seg_batch_size,
-                    **CONSTANT_LR, **self._seg_val_data())  # fmt: skip
+                    epoch_length=self.cfg.seg_curve_epoch_length, val_interval=1, **CONSTANT_LR,
+                    **self._seg_val_data(), **{"validate#additional_metrics": per_class_dice(classes)})  # fmt: skip
         history = [json.loads(line) for line in (seg_root / "eval" / "metrics_history.jsonl").read_text().splitlines()]
-        curve = [{"iterations": h["epoch"] * self.cfg.seg_curve_epoch_length, "val_mean_dice": h["metrics"].get("val_mean_dice")}
-                 for h in history]  # fmt: skip
+        curve = [{"iterations": h["epoch"] * self.cfg.seg_curve_epoch_length,
+                  "val_mean_dice": h["metrics"].get("val_mean_dice"),
+                  "per_class": {c: h["metrics"].get(f"val_dice_{c}") for c in classes}} for h in history]  # fmt: skip
         shutil.rmtree(seg_root / "models", ignore_errors=True)
-        return self.record(step="seg_curve", seconds=round(time.time() - start, 1), curve=curve)
+        return self.record(step="seg_curve", seconds=round(time.time() - start, 1), curve=curve,
+                           batch_size=self.cfg.seg_batch_size, learning_rate=self.cfg.seg_learning_rate)  # fmt: skip
 
     def segmentation(self, objective: str, seed: int, root: Path, fraction: float, mode: str) -> dict:
         """Fine-tune (or train the decoder of a frozen encoder) on ``fraction`` of the labels; test Dice, and the
@@ -342,9 +390,8 @@ class StudyRunner:
         pretrained = None if scratch else str(root / "models" / "model.pt")
         _run_bundle(files, meta, **common, label_fraction=fraction, pretrained_ckpt=pretrained,
                     freeze_encoder=mode == "frozen", max_epochs=1, epoch_length=self.cfg.seg_iterations,
-                    val_interval=1, batch_size=self.cfg.seg_batch_size, **self._seg_val_data())  # fmt: skip
-        _run_bundle(files + _bundle("elvis_cxr_segmentation", "evaluate.json"), meta, **common,
-                    batch_size=self.cfg.seg_batch_size)  # fmt: skip
+                    val_interval=1, **self._seg_val_data())  # fmt: skip
+        _run_bundle(files + _bundle("elvis_cxr_segmentation", "evaluate.json"), meta, **common)
         metrics = json.loads((seg_root / "eval" / "test_metrics.json").read_text())["metrics"]
         self._keep_seg_items(f"seg_{name}", seg_root / "eval" / "test_mean_dice_raw.csv")
         shutil.rmtree(seg_root / "models", ignore_errors=True)  # keep the figures, not 100 checkpoints
@@ -381,6 +428,7 @@ class StudyRunner:
                                                               self.cfg.heatmap_phrases), indent=1))  # fmt: skip
         self.segmentation_curve()
         seg_objectives = self.cfg.objectives if self.cfg.seg_objectives is None else self.cfg.seg_objectives
+        seg_seeds = list(self.cfg.seeds)[: self.cfg.seg_seeds]  # [:None] is all of them
         plan = []  # seed by seed, so that an interrupted study has whole seeds
         for seed in self.cfg.seeds:
             plan += [(o, seed, EASY, None) for o in self.cfg.objectives]
@@ -395,12 +443,22 @@ class StudyRunner:
                 continue
             if self.cfg.heatmap_phrases and seed == self.cfg.seeds[0]:
                 self.heatmaps(objective, root, phrases_file)
-            if objective in seg_objectives:
+            if objective in seg_objectives and seed in seg_seeds:
                 for fraction in self.cfg.seg_fractions:
                     for mode in self.cfg.seg_modes:
                         self.segmentation(objective, seed, root, fraction, mode)
         self.record(step="session", seconds=round(time.time() - start, 1))
         return self.records
+
+
+def per_class_dice(class_names: Sequence[str]) -> dict:
+    """Validation metrics (``validate#additional_metrics`` of the segmentation bundle) of each class on its own:
+    ``val_dice_<name>``, MONAI's ``MeanDice`` of that class's channel of the one-hot prediction and label, for
+    ``class_names`` without the background (channels 1, 2, ...)."""
+    return {f"val_dice_{name}": {"_target_": "MeanDice", "include_background": True, "save_details": False,
+                                 "output_transform": f"$lambda out: ([o['pred'][{k}:{k + 1}] for o in out], "
+                                                     f"[o['label'][{k}:{k + 1}] for o in out])"}
+            for k, name in enumerate(class_names, start=1)}  # fmt: skip
 
 
 def load_records(path: str | Path) -> list[dict]:

@@ -71,6 +71,18 @@ def test_study_runs_resumes_and_reports(phantom, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     again = [json.loads(line) for line in (work / "records.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again[len(records) :]] == ["session"]
+    # another segmentation schedule on the first seed alone: segmentation runs again, on the same pre-trained models
+    res = _study(*args[:-1], "3", "--seg-iterations", "3", "--seg-seeds", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    redone = [json.loads(line) for line in (work / "records.jsonl").read_text().splitlines()]
+    assert [r for r in redone if r["step"] not in ("segmentation", "seg_curve")] == [
+        r for r in again if r["step"] not in ("segmentation", "seg_curve")] + [redone[-1]]  # fmt: skip
+    assert sorted((r["seed"], r["objective"]) for r in redone if r["step"] == "segmentation") == (
+        [(0, "elvis")] * 4 + [(0, "random")] * 4)  # fmt: skip
+    assert [c["iterations"] for c in next(r for r in redone if r["step"] == "seg_curve")["curve"]] == [3, 6]
+    assert len((work / "records_superseded.jsonl").read_text().splitlines()) == 17  # 16 runs and the curve
+    text = (out / "results.md").read_text()
+    assert "seeds [0]; 3 steps of batch 8" in text
     # the report alone, from the records
     res = _study("report", "--work-dir", str(work), "--out", str(tmp_path / "again"))
     again_text = (tmp_path / "again" / "results.md").read_text()
@@ -279,10 +291,82 @@ def test_schedule_summary_says_whether_the_segmentation_schedule_reaches_the_pla
     # 2.5 s a step; outside the 15 steps: 50 - 37.5 and 60 - 37.5, mean 17.5 s; 2 x (17.5 + 30 x 2.5) s = 3.08 min
     assert schedule_summary([curve] + runs, 15) == (
         "The curve's best validation Dice is 1.000 (at 40 steps); it first reaches 95% of that at 30 steps. At 10 "
-        "steps, the nearest point at or below the study's 15, it is 0.100. The study's schedule is therefore short of "
+        "steps, the nearest point at or below the study's 15, it is 0.100. The study's schedule is short of "
         "the plateau: at 2.50 s a step (the curve's time, validations included), its 2 segmentation runs at 30 steps "
         "would take about 3 minutes, against 2 for 15 steps."
     )  # fmt: skip
     at_plateau = schedule_summary([curve] + runs, 30)
     assert at_plateau.endswith("At 30 steps, the nearest point at or below the study's 30, it is 0.960.")
     assert schedule_summary(runs, 15) == "" and schedule_summary([curve], None) == ""
+
+
+def test_classes_learnt_at_is_the_first_step_at_half_of_each_class_best():
+    sys.path.insert(0, str(ROOT))
+    from study.report import classes_learnt_at, schedule_summary
+
+    # nodule: best 0.8, half 0.4 first reached at 30; effusion: best 0.6 at 10 (0.3 at 10 already); a class never
+    # above 0 (opacity) is one the model cannot learn, left out; None (no validation image has it) is skipped
+    points = [{"iterations": 10, "val_mean_dice": 0.2, "per_class": {"nodule": 0.0, "effusion": 0.6, "opacity": 0.0}},
+              {"iterations": 20, "val_mean_dice": 0.3, "per_class": {"nodule": 0.39, "effusion": None, "opacity": 0.0}},
+              {"iterations": 30, "val_mean_dice": 0.6, "per_class": {"nodule": 0.4, "effusion": 0.2, "opacity": 0.0}},
+              {"iterations": 40, "val_mean_dice": 0.7, "per_class": {"nodule": 0.8, "effusion": 0.5, "opacity": 0.0}}]  # fmt: skip
+    assert classes_learnt_at(points) == {"effusion": 10, "nodule": 30}
+    assert classes_learnt_at(points, share=1.0) == {"effusion": 10, "nodule": 40}
+    assert classes_learnt_at([{"iterations": 5, "val_mean_dice": 0.1}]) == {}  # a curve of the mean alone
+    curve = {"step": "seg_curve", "seconds": 40.0, "curve": points}
+    assert schedule_summary([curve], 40).endswith(
+        " Every class it learns reaches half its best Dice by 30 steps (effusion 10, nodule 30); opacity never above 0, "
+        "within the study's 40.")  # fmt: skip
+    assert schedule_summary([curve], 20).endswith("(effusion 10, nodule 30); opacity never above 0, after the study's 20.")
+
+
+def test_per_class_dice_scores_each_class_channel_alone():
+    """The study's per-class validation metrics, through MONAI's MeanDice as the bundle's evaluator runs them."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    sys.path.insert(0, str(ROOT))
+    from study.runner import per_class_dice
+
+    metrics = per_class_dice(["a", "b"])
+    assert list(metrics) == ["val_dice_a", "val_dice_b"]
+    parser = ConfigParser({"m": metrics})
+    a, b = parser.get_parsed_content("m#val_dice_a"), parser.get_parsed_content("m#val_dice_b")
+    # 3 channels (background, a, b) of a 1 x 4 image: a predicted on pixels 0-1, labelled on 1-2 -> 2*1/(2+2) = 0.5;
+    # b predicted on pixel 3, labelled on pixel 3 -> 1.0
+    pred = torch.tensor([[[0, 0, 1, 0]], [[1, 1, 0, 0]], [[0, 0, 0, 1]]], dtype=torch.float)
+    label = torch.tensor([[[1, 0, 0, 0]], [[0, 1, 1, 0]], [[0, 0, 0, 1]]], dtype=torch.float)
+    for metric, expected in ((a, 0.5), (b, 1.0)):
+        y_pred, y = metric._output_transform([{"pred": pred, "label": label}])
+        metric.reset()
+        metric.update((y_pred, y))
+        assert metric.compute() == pytest.approx(expected)
+
+
+def test_other_segmentation_settings_rerun_segmentation_alone(tmp_path):
+    """A work dir whose seg_* settings change keeps its pre-training records and moves the segmentation ones aside
+    (records and per-item files, nothing deleted); other settings are still refused."""
+    sys.path.insert(0, str(ROOT))
+    from study.runner import StudyConfig, StudyRunner
+
+    first = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40))
+    first.record(step="pretrain", objective="elvis", seed=0)
+    first.record(step="seg_curve", curve=[])
+    first.record(step="segmentation", objective="elvis", seed=0, fraction=1.0, mode="frozen")
+    (tmp_path / "items").mkdir()
+    (tmp_path / "items" / "seg_elvis_s0_frozen_1.0.json").write_text("{}")
+    (tmp_path / "items" / "easy_elvis_s0_e6.json").write_text("{}")
+    again = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40))
+    assert again.done(step="segmentation", objective="elvis") and again.done(step="seg_curve")  # same: resumes
+    other = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=300, seg_seeds=1))
+    assert other.done(step="pretrain", objective="elvis", seed=0)
+    assert not other.done(step="segmentation") and not other.done(step="seg_curve")
+    assert [json.loads(line)["step"] for line in (tmp_path / "records.jsonl").read_text().splitlines()] == ["pretrain"]
+    kept = [json.loads(line)["step"] for line in (tmp_path / "records_superseded.jsonl").read_text().splitlines()]
+    assert kept == ["seg_curve", "segmentation"]
+    assert sorted(p.name for p in (tmp_path / "items").iterdir()) == ["easy_elvis_s0_e6.json"]
+    assert (tmp_path / "items_superseded" / "seg_elvis_s0_frozen_1.0.json").is_file()
+    with pytest.raises(ValueError, match="other settings \\(pretrain_epochs, seg_iterations, seg_seeds\\)"):
+        StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40, pretrain_epochs=2))
+    with pytest.raises(ValueError, match="seg_seeds is the number of seeds"):
+        StudyConfig(seg_seeds=0)
