@@ -67,6 +67,8 @@ def cxr_augmentation(
             translate_range=(translate * size, translate * size),
             mode=["bilinear"] + ["nearest"] * len(label_keys),
             padding_mode="zeros",
+            spatial_size=(size, size),
+            cache_grid=True,  # the same output, with the sampling grid made once (inputs are padded to size x size)
         ),
         RandGaussianSmoothd(image_key, sigma_x=blur_sigma, sigma_y=blur_sigma, prob=prob / 2),
         RandAdjustContrastd(image_key, prob=prob, gamma=contrast_gamma),
