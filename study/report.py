@@ -650,6 +650,10 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
     if work_dir is not None and (Path(work_dir) / "config.json").is_file():
         config = json.loads((Path(work_dir) / "config.json").read_text())
     if items and Path(work_dir, "items").resolve() != (out_dir / "items").resolve():  # the values behind the intervals
+        current = {p.name for p in (Path(work_dir) / "items").glob("*.json")}
+        for stale in (out_dir / "items").glob("*.json") if (out_dir / "items").is_dir() else []:
+            if stale.name not in current:  # a copy of a step the study no longer has (e.g. superseded segmentation)
+                stale.unlink()
         shutil.copytree(Path(work_dir) / "items", out_dir / "items", dirs_exist_ok=True)
     if not items:
         items = load_items(out_dir)

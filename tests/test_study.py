@@ -83,6 +83,9 @@ def test_study_runs_resumes_and_reports(phantom, tmp_path):
     assert len((work / "records_superseded.jsonl").read_text().splitlines()) == 17  # 16 runs and the curve
     text = (out / "results.md").read_text()
     assert "seeds [0]; 3 steps of batch 8" in text
+    published = sorted(p.name for p in (out / "items").glob("seg_*.json"))  # the superseded seed 1 runs are gone
+    assert published == sorted(f"seg_{o}_s0_{m}_{f}.json" for o in ("elvis", "random") for m in ("frozen", "finetune")
+                               for f in ("0.5", "1.0"))  # fmt: skip
     # the report alone, from the records
     res = _study("report", "--work-dir", str(work), "--out", str(tmp_path / "again"))
     again_text = (tmp_path / "again" / "results.md").read_text()
