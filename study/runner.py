@@ -88,6 +88,8 @@ class StudyConfig:
 
 EASY, HARD = "easy", "realistic"  # the phantom's difficulty settings the study runs on
 SEG_STEPS = ("segmentation", "seg_curve")  # the records the seg_* settings make
+# settings added after the first studies, with the value a work folder without them was run with
+LEGACY = {"seg_seeds": None, "seg_learning_rate": 0.001}
 
 
 def is_seg_setting(name: str) -> bool:
@@ -125,7 +127,8 @@ class StudyRunner:
         previous_file = self.work / "config.json"
         if self.records and previous_file.is_file():
             previous = json.loads(previous_file.read_text())
-            defaults = json.loads(json.dumps(asdict(StudyConfig())))  # a setting added since then: its default
+            # a setting added since then: the value those runs had (LEGACY), else its default
+            defaults = {**json.loads(json.dumps(asdict(StudyConfig()))), **LEGACY}
             changed = sorted(k for k in settings if previous.get(k, defaults[k]) != settings[k])
             seeds = previous.get("seeds", defaults["seeds"])
             if settings["seeds"][: len(seeds)] == seeds:  # more seeds after the same ones extend the study

@@ -369,6 +369,14 @@ def test_other_segmentation_settings_rerun_segmentation_alone(tmp_path):
     assert kept == ["seg_curve", "segmentation"]
     assert sorted(p.name for p in (tmp_path / "items").iterdir()) == ["easy_elvis_s0_e6.json"]
     assert (tmp_path / "items_superseded" / "seg_elvis_s0_frozen_1.0.json").is_file()
+    # a work folder from before seg_seeds and seg_learning_rate: every seed segmented, at the bundle's rate of 0.001
+    legacy = tmp_path / "legacy"
+    StudyRunner(StudyConfig(work_dir=str(legacy))).record(step="segmentation", objective="elvis", seed=0)
+    written = json.loads((legacy / "config.json").read_text())
+    (legacy / "config.json").write_text(json.dumps({k: v for k, v in written.items()
+                                                    if k not in ("seg_seeds", "seg_learning_rate")}))  # fmt: skip
+    assert StudyRunner(StudyConfig(work_dir=str(legacy), seg_seeds=None, seg_learning_rate=0.001)).done(seed=0)
+    assert not StudyRunner(StudyConfig(work_dir=str(legacy))).done(step="segmentation")  # 3 seeds at 0.01: re-run
     with pytest.raises(ValueError, match="other settings \\(pretrain_epochs, seg_iterations, seg_seeds\\)"):
         StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40, pretrain_epochs=2))
     with pytest.raises(ValueError, match="seg_seeds is the number of seeds"):
