@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from study.runner import OBJECTIVES, StudyConfig, StudyRunner, load_records
+from study.runner import OBJECTIVES, TINY_SEG_SCHEDULE, StudyConfig, StudyRunner, load_records
 from study.sweep import VARIANTS, run_sweep, sweep_records, write_sweep_report
 
 
@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seg-curve-epochs", type=int, default=StudyConfig.seg_curve_epochs,
                      help="epochs of the from-scratch segmentation curve (0: none)")
     run.add_argument("--seg-curve-epoch-length", type=int, default=StudyConfig.seg_curve_epoch_length)
-    run.add_argument("--seg-batch-size", type=int, default=StudyConfig.seg_batch_size)
-    run.add_argument("--seg-learning-rate", type=float, default=StudyConfig.seg_learning_rate)
+    run.add_argument("--seg-batch-size", type=int, default=None,
+                     help="default: the --segmentation-overlay's batch_size, else %d" % TINY_SEG_SCHEDULE["batch_size"])
+    run.add_argument("--seg-learning-rate", type=float, default=None,
+                     help="constant; default: the --segmentation-overlay's learning_rate, else %g"
+                          % TINY_SEG_SCHEDULE["learning_rate"])  # fmt: skip
     run.add_argument("--seg-fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     run.add_argument("--seg-modes", nargs="+", default=["frozen", "finetune"], choices=["frozen", "finetune"])
     run.add_argument("--segmentation-overlay", default=None, help="e.g. configs/segmentation/paper.json")

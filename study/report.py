@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from study.runner import OBJECTIVES
+from study.runner import LEGACY, OBJECTIVES
 from study.stats import Difference, load_items, mean_auc, paired_bootstrap
 
+# what the curve's val_mean_dice is: MONAI's MeanDice, the mean over each image's classes present, then over images
+CURVE_MEAN = "Dice (per image, mean of its classes)"
 LABELS = {"elvis": "ELVIS (intra-modal)", "lovt": "LoVT (spatial prior)", "one_hot": "one-hot local",
           "gloria": "GLoRIA", "convirt": "ConVIRT (global only)", "random": "random init"}  # fmt: skip
 
@@ -239,7 +241,7 @@ def summary_tables(records: Sequence[dict], items: dict | None = None) -> dict[s
     curve = next((r for r in records if r.get("step") == "seg_curve"), None)
     if curve:
         classes = list(curve["curve"][0].get("per_class", {})) if curve["curve"] else []
-        lines = ["| steps | validation Dice | " + " | ".join(classes) + (" |" if classes else ""),
+        lines = [f"| steps | {CURVE_MEAN} | " + " | ".join(classes) + (" |" if classes else ""),
                  "| ---: | ---: |" + " ---: |" * len(classes)]  # fmt: skip
         for c in curve["curve"]:
             if c["val_mean_dice"] is not None:
@@ -398,16 +400,17 @@ def _length_plot(records: Sequence[dict], items: dict, out_dir: Path, plt) -> li
     return [_save(fig, out_dir / "length_axis.png", plt)]
 
 
-def classes_learnt_at(points: Sequence[dict], share: float = 0.5) -> dict[str, int]:
-    """For each class of the curve's ``per_class`` Dice that the model learns at all (a best above 0), the first
-    step at which its Dice reaches ``share`` of its best on the curve. A class never above 0 is left out: the
-    model cannot learn it in the curve's length."""
+def classes_learnt_at(points: Sequence[dict], share: float = 0.5, least: float = 0.1) -> dict[str, int]:
+    """For each class of the curve's ``per_class`` Dice that the model learns (a best of at least ``least``), the
+    first step at which its Dice reaches ``share`` of its best on the curve. A class whose best stays below
+    ``least`` is left out: the model does not learn it in the curve's length, and half of a best near 0 would say
+    nothing."""
     classes = {k for c in points for k in c.get("per_class", {})}
     out = {}
     for k in sorted(classes):
         values = [(c["iterations"], c["per_class"].get(k)) for c in points if c.get("per_class", {}).get(k) is not None]
         best = max((v for _, v in values), default=0.0)
-        if best > 0:
+        if best >= least:
             out[k] = next(i for i, v in values if v >= share * best)
     return out
 
@@ -427,8 +430,10 @@ def schedule_summary(records: Sequence[dict], seg_iterations: int | None, share:
     at = below[-1] if below else None
     per_step = curve["seconds"] / points[-1]["iterations"]
     runs = [r for r in records if r.get("step") == "segmentation"]
-    text = (f"The curve's best validation Dice is {best['val_mean_dice']:.3f} (at {best['iterations']} steps); it first "
-            f"reaches {share:.0%} of that at {reach['iterations']} steps.")
+    text = (f"The curve's best validation Dice (each image's mean over its classes) is {best['val_mean_dice']:.3f} (at "
+            f"{best['iterations']} steps); it first reaches {share:.0%} of that at {reach['iterations']} steps.")
+    if best is points[-1]:
+        text += " The best is the curve's last point: it has not levelled off, and a longer curve may find more."
     if at is not None:
         text += (f" At {at['iterations']} steps, the nearest point at or below the study's {seg_iterations}, it is "
                  f"{at['val_mean_dice']:.3f}.")
@@ -437,7 +442,7 @@ def schedule_summary(records: Sequence[dict], seg_iterations: int | None, share:
         last = max(learnt.values())
         text += (" Every class it learns reaches half its best Dice by " + f"{last} steps ("
                  + ", ".join(f"{k} {v}" for k, v in sorted(learnt.items(), key=lambda kv: (kv[1], kv[0]))) + ")"
-                 + (f"; {', '.join(sorted(set(points[0].get('per_class', {})) - set(learnt)))} never above 0"
+                 + (f"; {', '.join(sorted(set(points[0].get('per_class', {})) - set(learnt)))} never above 0.1"
                     if set(points[0].get("per_class", {})) - set(learnt) else "")
                  + (f", within the study's {seg_iterations}." if last <= seg_iterations
                     else f", after the study's {seg_iterations}."))  # fmt: skip
@@ -459,7 +464,7 @@ def _curve_plot(records: Sequence[dict], out_dir: Path, plt, seg_iterations: int
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     points = [c for c in curve["curve"] if c["val_mean_dice"] is not None]
     ax.plot([c["iterations"] for c in points], [c["val_mean_dice"] for c in points], marker="o", color="black",
-            label="mean over classes")  # fmt: skip
+            label=CURVE_MEAN)  # fmt: skip
     for k in sorted({k for c in points for k in c.get("per_class", {})}):
         xy = [(c["iterations"], c["per_class"][k]) for c in points if c.get("per_class", {}).get(k) is not None]
         ax.plot([x for x, _ in xy], [y for _, y in xy], linewidth=1, alpha=0.8, label=k)
@@ -618,6 +623,7 @@ def _settings_text(config: dict, records: Sequence[dict]) -> list[str]:
     if not config:
         return []
     seg_objs = config.get("seg_objectives") or config.get("objectives", [])
+    rate = config.get("seg_learning_rate", LEGACY["seg_learning_rate"])
     return [
         f"- Seeds {config.get('seeds')}; every objective pre-trained for {config.get('pretrain_epochs')} epochs on the "
         f"default (easy) phantom, scale `{config.get('scale')}`; measured on its **{config.get('split')}** split.",
@@ -625,8 +631,8 @@ def _settings_text(config: dict, records: Sequence[dict]) -> list[str]:
         f"{config.get('length_epochs')} epochs.",
         f"- Realistic (harder) phantom: {', '.join(LABELS[o] for o in config.get('hard_objectives', []))}.",
         f"- Segmentation: {', '.join(LABELS[o] for o in seg_objs)}; {_seg_seeds(config)}{config.get('seg_iterations')} "
-        f"steps of batch {config.get('seg_batch_size')} at a constant learning rate of "
-        f"{config.get('seg_learning_rate', 0.001):g}, at {', '.join(_pct(f) for f in config.get('seg_fractions', []))} "
+        f"steps of batch {config.get('seg_batch_size')} at a constant learning rate of {rate:g}, at "
+        f"{', '.join(_pct(f) for f in config.get('seg_fractions', []))} "
         "of the labels, encoder frozen (a decoder trained on it) and fine-tuned; random init fine-tuned is training "
         "from scratch.",
         "- Intervals: ELVIS minus the baseline, 95% paired bootstrap over seeds and test items (2,000 resamples, "
@@ -669,6 +675,8 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
             phrases = json.loads((work / "heatmap_phrases.json").read_text())
             heatmap_dirs = {o: work / "heatmaps" / o for o in _objectives(records) if (work / "heatmaps" / o).is_dir()}
     pngs = plots(records, out_dir, heatmap_dirs, phrases, items, tables.get("found"), config.get("seg_iterations"))
+    if not heatmap_dirs and (out_dir / "heatmaps.png").is_file():  # drawn from a work folder this one lacks: kept
+        pngs.append(out_dir / "heatmaps.png")
     tokenizer_note = []
     if work_dir is not None:  # say which tokenizer the runs used (ids differ between tokenizer versions)
         work = Path(work_dir).resolve()

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
 OBJECTIVES = ("elvis", "lovt", "one_hot", "gloria", "convirt", "random")
 logger = logging.getLogger("study")
+# the segmentation schedule of the tiny study, read off its from-scratch curve (see docs/design.md)
+TINY_SEG_SCHEDULE = {"batch_size": 8, "learning_rate": 0.01}
 
 
 @dataclass
@@ -34,8 +36,10 @@ class StudyConfig:
     (all objectives when None) of the first ``seg_seeds`` seeds (all when None) for ``seg_iterations`` steps of
     ``seg_batch_size`` images at the constant rate ``seg_learning_rate``, a length chosen from the curve of a model
     trained from scratch (``seg_curve_epochs`` x ``seg_curve_epoch_length`` steps, validated after each epoch on
-    ``seg_val_items`` images, each class on its own). The ``seg_*`` settings may change between invocations: the
-    segmentation steps then run again on the pre-trained models already there (see :class:`StudyRunner`).
+    ``seg_val_items`` images, each class on its own). ``seg_batch_size`` and ``seg_learning_rate`` left None are
+    those of ``segmentation_overlay`` where it sets them (``batch_size``, ``learning_rate``), else the tiny
+    study's 8 and 0.01. The ``seg_*`` settings may change between invocations: the segmentation steps then run
+    again on the pre-trained models already there (see :class:`StudyRunner`).
     """
 
     work_dir: str = "runs/study"
@@ -57,8 +61,8 @@ class StudyConfig:
     seg_iterations: int = 300
     seg_curve_epochs: int = 12
     seg_curve_epoch_length: int = 50
-    seg_batch_size: int = 8
-    seg_learning_rate: float = 0.01
+    seg_batch_size: int | None = None  # None: the overlay's batch_size, else TINY_SEG_SCHEDULE's
+    seg_learning_rate: float | None = None  # None: the overlay's learning_rate, else TINY_SEG_SCHEDULE's
     seg_val_items: int = 64
     split: str = "test"  # where locality, retrieval and grounding are measured; "validation" for tuning
     heatmap_phrases: int = 4  # 0: no heatmap figure
@@ -81,13 +85,29 @@ class StudyConfig:
             raise ValueError("pre-training lengths (pretrain_epochs, length_epochs) must be at least 1 epoch.")
         if self.seg_seeds is not None and self.seg_seeds < 1:
             raise ValueError(f"seg_seeds is the number of seeds that segment (None: all), got {self.seg_seeds}.")
+        overlay = {}
+        if self.segmentation_overlay:
+            from monai.bundle import ConfigParser
+
+            path = Path(self.segmentation_overlay)
+            path = path if path.is_absolute() else ROOT / path
+            if not path.is_file():
+                raise ValueError(f"segmentation_overlay {self.segmentation_overlay!r}: no such file ({path}).")
+            overlay = ConfigParser.load_config_file(str(path))
+        for name, key in (("seg_batch_size", "batch_size"), ("seg_learning_rate", "learning_rate")):
+            if getattr(self, name) is None:  # written out, so that config.json records what ran
+                setattr(self, name, overlay.get(key, TINY_SEG_SCHEDULE[key]))
         if self.seg_iterations < 1 or self.seg_batch_size < 1 or self.seg_learning_rate <= 0:
             raise ValueError("seg_iterations, seg_batch_size and seg_learning_rate must be positive, got "
                              f"{self.seg_iterations}, {self.seg_batch_size}, {self.seg_learning_rate}.")  # fmt: skip
 
 
 EASY, HARD = "easy", "realistic"  # the phantom's difficulty settings the study runs on
-SEG_STEPS = ("segmentation", "seg_curve")  # the records the seg_* settings make
+# the settings each segmentation step's records depend on: a change supersedes those records
+SEG_SCHEDULE = {"seg_batch_size", "seg_learning_rate", "seg_val_items", "segmentation_overlay"}
+SUPERSEDED_BY = {"seg_curve": SEG_SCHEDULE | {"seg_curve_epochs", "seg_curve_epoch_length"},
+                 "segmentation": SEG_SCHEDULE | {"seg_iterations", "seg_seeds", "seg_objectives", "seg_fractions",
+                                                 "seg_modes"}}  # fmt: skip
 # settings added after the first studies, with the value a work folder without them was run with
 LEGACY = {"seg_seeds": None, "seg_learning_rate": 0.001}
 
@@ -129,35 +149,48 @@ class StudyRunner:
             previous = json.loads(previous_file.read_text())
             # a setting added since then: the value those runs had (LEGACY), else its default
             defaults = {**json.loads(json.dumps(asdict(StudyConfig()))), **LEGACY}
-            changed = sorted(k for k in settings if previous.get(k, defaults[k]) != settings[k])
-            seeds = previous.get("seeds", defaults["seeds"])
-            if settings["seeds"][: len(seeds)] == seeds:  # more seeds after the same ones extend the study
-                changed = [k for k in changed if k != "seeds"]
-            if [k for k in changed if not is_seg_setting(k)]:  # would mix results of two studies in one table
-                raise ValueError(f"{self.work} holds a study run with other settings ({', '.join(changed)}): "
+            previous = {k: previous.get(k, defaults[k]) for k in settings}
+            changed = sorted(k for k in settings if previous[k] != settings[k])
+            if settings["seeds"][: len(previous["seeds"])] == previous["seeds"]:  # more seeds after the same ones
+                changed = [k for k in changed if k != "seeds"]  # extend the study
+            refused = [k for k in changed if not is_seg_setting(k)]
+            if refused:  # would mix results of two studies in one table
+                raise ValueError(f"{self.work} holds a study run with other settings ({', '.join(refused)}): "
                                  "use another --work-dir, or the same settings to resume (--seeds may add "
                                  "seeds after the ones it has; the seg_* settings may change).")  # fmt: skip
-            if changed:
-                self._supersede_segmentation(changed)
+            old_seeds, new_seeds = (s["seeds"][: s["seg_seeds"]] for s in (previous, settings))  # [:None]: all
+            if new_seeds[: len(old_seeds)] == old_seeds:  # more seeds segment: the runs there are kept
+                changed = [k for k in changed if k != "seg_seeds"]
+            steps = [step for step, names in SUPERSEDED_BY.items() if set(changed) & names]
+            if steps:
+                self._supersede(steps, changed, previous)
         previous_file.write_text(json.dumps(settings, indent=1))
 
-    def _supersede_segmentation(self, changed: Sequence[str]) -> None:
-        """Other segmentation settings: the segmentation records (and their per-item files) made with the old ones
-        move to ``records_superseded.jsonl`` and ``items_superseded/``, so the report never mixes two schedules
-        and nothing is deleted; pre-training, evaluation and grounding records stay and are reused."""
-        old = [r for r in self.records if r.get("step") in SEG_STEPS]
-        if not old:
+    def _supersede(self, steps: Sequence[str], changed: Sequence[str], previous: dict) -> None:
+        """Other segmentation settings: the records of ``steps`` (``segmentation``, ``seg_curve``) made with the
+        old ones move to ``records_superseded.jsonl`` (each tagged ``superseded: n``), and with the segmentation
+        runs their per-item files and the settings they ran with to ``items_superseded/<n>/``, so the report never
+        mixes two schedules and nothing is deleted; pre-training, evaluation and grounding records stay and are
+        reused."""
+        old = [r for r in self.records if r.get("step") in steps]
+        items = sorted((self.work / "items").glob("seg_*.json")) if "segmentation" in steps else []
+        if not old and not items:
             return
-        logger.warning("study: segmentation settings changed (%s): %d segmentation records superseded, kept in %s",
-                       ", ".join(changed), len(old), self.work / "records_superseded.jsonl")  # fmt: skip
-        with open(self.work / "records_superseded.jsonl", "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in old)
-        self.records = [r for r in self.records if r.get("step") not in SEG_STEPS]
+        kept, moved = self.work / "items_superseded", self.work / "records_superseded.jsonl"
+        earlier = [int(p.name) for p in kept.glob("*") if p.name.isdigit()]
+        earlier += [r.get("superseded", 0) for r in (load_records(moved) if moved.is_file() else [])]
+        n = 1 + max(earlier, default=0)  # this supersession's number, in records and folder names alike
+        logger.warning("study: segmentation settings changed (%s): %d records of %s superseded, kept in %s",
+                       ", ".join(changed), len(old), " and ".join(steps), moved)  # fmt: skip
+        if items:  # first the files, then the records: an interruption leaves the records to supersede again
+            (kept / str(n)).mkdir(parents=True, exist_ok=True)
+            (kept / str(n) / "config.json").write_text(json.dumps(previous, indent=1))
+            for path in items:
+                path.replace(kept / str(n) / path.name)
+        with open(moved, "a") as f:
+            f.writelines(json.dumps({**r, "superseded": n}) + "\n" for r in old)
+        self.records = [r for r in self.records if r.get("step") not in steps]
         self.records_file.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        items, kept = self.work / "items", self.work / "items_superseded"
-        for path in sorted(items.glob("seg_*.json")) if items.is_dir() else []:
-            kept.mkdir(exist_ok=True)
-            path.replace(kept / path.name)
 
     # ------------------------------------------------------------------ bookkeeping
     def _load_records(self) -> list[dict]:

@@ -293,7 +293,9 @@ def test_schedule_summary_says_whether_the_segmentation_schedule_reaches_the_pla
     runs = [{"step": "segmentation", "seconds": 50.0}, {"step": "segmentation", "seconds": 60.0}]
     # 2.5 s a step; outside the 15 steps: 50 - 37.5 and 60 - 37.5, mean 17.5 s; 2 x (17.5 + 30 x 2.5) s = 3.08 min
     assert schedule_summary([curve] + runs, 15) == (
-        "The curve's best validation Dice is 1.000 (at 40 steps); it first reaches 95% of that at 30 steps. At 10 "
+        "The curve's best validation Dice (each image's mean over its classes) is 1.000 (at 40 steps); it first "
+        "reaches 95% of that at 30 steps. The best is the curve's last point: it has not levelled off, and a longer "
+        "curve may find more. At 10 "
         "steps, the nearest point at or below the study's 15, it is 0.100. The study's schedule is short of "
         "the plateau: at 2.50 s a step (the curve's time, validations included), its 2 segmentation runs at 30 steps "
         "would take about 3 minutes, against 2 for 15 steps."
@@ -301,26 +303,31 @@ def test_schedule_summary_says_whether_the_segmentation_schedule_reaches_the_pla
     at_plateau = schedule_summary([curve] + runs, 30)
     assert at_plateau.endswith("At 30 steps, the nearest point at or below the study's 30, it is 0.960.")
     assert schedule_summary(runs, 15) == "" and schedule_summary([curve], None) == ""
+    # a best before the last point: the curve has levelled off, nothing said of it
+    curve["curve"].append({"iterations": 50, "val_mean_dice": 0.99})
+    assert "levelled off" not in schedule_summary([curve] + runs, 15)
 
 
 def test_classes_learnt_at_is_the_first_step_at_half_of_each_class_best():
     sys.path.insert(0, str(ROOT))
     from study.report import classes_learnt_at, schedule_summary
 
-    # nodule: best 0.8, half 0.4 first reached at 30; effusion: best 0.6 at 10 (0.3 at 10 already); a class never
-    # above 0 (opacity) is one the model cannot learn, left out; None (no validation image has it) is skipped
+    # nodule: best 0.8, half 0.4 first reached at 30; effusion: best 0.6 at 10 (0.3 at 10 already); a class whose
+    # best stays under 0.1 (opacity, 0.09) is one the model does not learn, left out; None (no validation image has
+    # it) is skipped
     points = [{"iterations": 10, "val_mean_dice": 0.2, "per_class": {"nodule": 0.0, "effusion": 0.6, "opacity": 0.0}},
               {"iterations": 20, "val_mean_dice": 0.3, "per_class": {"nodule": 0.39, "effusion": None, "opacity": 0.0}},
               {"iterations": 30, "val_mean_dice": 0.6, "per_class": {"nodule": 0.4, "effusion": 0.2, "opacity": 0.0}},
-              {"iterations": 40, "val_mean_dice": 0.7, "per_class": {"nodule": 0.8, "effusion": 0.5, "opacity": 0.0}}]  # fmt: skip
+              {"iterations": 40, "val_mean_dice": 0.7, "per_class": {"nodule": 0.8, "effusion": 0.5, "opacity": 0.09}}]  # fmt: skip
     assert classes_learnt_at(points) == {"effusion": 10, "nodule": 30}
     assert classes_learnt_at(points, share=1.0) == {"effusion": 10, "nodule": 40}
     assert classes_learnt_at([{"iterations": 5, "val_mean_dice": 0.1}]) == {}  # a curve of the mean alone
+    assert classes_learnt_at(points, least=0.05) == {"effusion": 10, "nodule": 30, "opacity": 40}
     curve = {"step": "seg_curve", "seconds": 40.0, "curve": points}
     assert schedule_summary([curve], 40).endswith(
-        " Every class it learns reaches half its best Dice by 30 steps (effusion 10, nodule 30); opacity never above 0, "
+        " Every class it learns reaches half its best Dice by 30 steps (effusion 10, nodule 30); opacity never above 0.1, "
         "within the study's 40.")  # fmt: skip
-    assert schedule_summary([curve], 20).endswith("(effusion 10, nodule 30); opacity never above 0, after the study's 20.")
+    assert schedule_summary([curve], 20).endswith("(effusion 10, nodule 30); opacity never above 0.1, after the study's 20.")
 
 
 def test_per_class_dice_scores_each_class_channel_alone():
@@ -347,10 +354,14 @@ def test_per_class_dice_scores_each_class_channel_alone():
 
 
 def test_other_segmentation_settings_rerun_segmentation_alone(tmp_path):
-    """A work dir whose seg_* settings change keeps its pre-training records and moves the segmentation ones aside
-    (records and per-item files, nothing deleted); other settings are still refused."""
+    """A work dir whose seg_* settings change keeps its pre-training records and moves aside the segmentation records
+    those settings made (records and per-item files, with the settings they ran with; nothing deleted); other
+    settings are still refused."""
     sys.path.insert(0, str(ROOT))
     from study.runner import StudyConfig, StudyRunner
+
+    def steps(name: str) -> list[str]:
+        return [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()]
 
     first = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40))
     first.record(step="pretrain", objective="elvis", seed=0)
@@ -361,14 +372,31 @@ def test_other_segmentation_settings_rerun_segmentation_alone(tmp_path):
     (tmp_path / "items" / "easy_elvis_s0_e6.json").write_text("{}")
     again = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40))
     assert again.done(step="segmentation", objective="elvis") and again.done(step="seg_curve")  # same: resumes
-    other = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=300, seg_seeds=1))
-    assert other.done(step="pretrain", objective="elvis", seed=0)
-    assert not other.done(step="segmentation") and not other.done(step="seg_curve")
-    assert [json.loads(line)["step"] for line in (tmp_path / "records.jsonl").read_text().splitlines()] == ["pretrain"]
-    kept = [json.loads(line)["step"] for line in (tmp_path / "records_superseded.jsonl").read_text().splitlines()]
-    assert kept == ["seg_curve", "segmentation"]
+    # the curve's own settings: the curve alone runs again
+    curve = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40, seg_curve_epochs=3))
+    assert curve.done(step="segmentation") and not curve.done(step="seg_curve")
+    assert steps("records.jsonl") == ["pretrain", "segmentation"] and steps("records_superseded.jsonl") == ["seg_curve"]
+    assert not (tmp_path / "items_superseded").exists()  # the curve has no per-item files
+    # the runs' settings: the runs run again; their items and the settings they ran with go to items_superseded/2
+    other = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=300, seg_curve_epochs=3, seg_seeds=1))
+    assert other.done(step="pretrain", objective="elvis", seed=0) and not other.done(step="segmentation")
+    assert steps("records.jsonl") == ["pretrain"] and steps("records_superseded.jsonl") == ["seg_curve", "segmentation"]
+    superseded = [json.loads(line)["superseded"] for line in (tmp_path / "records_superseded.jsonl").read_text().splitlines()]
+    assert superseded == [1, 2]
     assert sorted(p.name for p in (tmp_path / "items").iterdir()) == ["easy_elvis_s0_e6.json"]
-    assert (tmp_path / "items_superseded" / "seg_elvis_s0_frozen_1.0.json").is_file()
+    kept = tmp_path / "items_superseded" / "2"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "seg_elvis_s0_frozen_1.0.json"]
+    assert json.loads((kept / "config.json").read_text())["seg_iterations"] == 40
+    # more seeds segmenting after the same ones add runs: nothing is superseded
+    other.record(step="segmentation", objective="elvis", seed=0, fraction=1.0, mode="frozen")
+    (tmp_path / "items" / "seg_elvis_s0_frozen_1.0.json").write_text("{}")
+    more = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=300, seg_curve_epochs=3, seg_seeds=2))
+    assert more.done(step="segmentation", seed=0) and len(steps("records_superseded.jsonl")) == 2
+    # a run's items without its record (cut between the two) still move, to a folder of their own
+    (tmp_path / "items" / "seg_elvis_s1_frozen_1.0.json").write_text("{}")
+    StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=20, seg_curve_epochs=3, seg_seeds=2))
+    assert sorted(p.name for p in (tmp_path / "items_superseded" / "3").glob("seg_*")) == [
+        "seg_elvis_s0_frozen_1.0.json", "seg_elvis_s1_frozen_1.0.json"]  # fmt: skip
     # a work folder from before seg_seeds and seg_learning_rate: every seed segmented, at the bundle's rate of 0.001
     legacy = tmp_path / "legacy"
     StudyRunner(StudyConfig(work_dir=str(legacy))).record(step="segmentation", objective="elvis", seed=0)
@@ -377,7 +405,34 @@ def test_other_segmentation_settings_rerun_segmentation_alone(tmp_path):
                                                     if k not in ("seg_seeds", "seg_learning_rate")}))  # fmt: skip
     assert StudyRunner(StudyConfig(work_dir=str(legacy), seg_seeds=None, seg_learning_rate=0.001)).done(seed=0)
     assert not StudyRunner(StudyConfig(work_dir=str(legacy))).done(step="segmentation")  # 3 seeds at 0.01: re-run
-    with pytest.raises(ValueError, match="other settings \\(pretrain_epochs, seg_iterations, seg_seeds\\)"):
+    moved = [json.loads(line) for line in (legacy / "records_superseded.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["seed"]) for r in moved] == [("segmentation", 0)]
+    # only the settings that are refused are named
+    with pytest.raises(ValueError, match="other settings \\(pretrain_epochs\\): "):
         StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40, pretrain_epochs=2))
     with pytest.raises(ValueError, match="seg_seeds is the number of seeds"):
         StudyConfig(seg_seeds=0)
+
+
+def test_segmentation_schedule_is_the_overlays_unless_given(tmp_path):
+    """seg_batch_size and seg_learning_rate left unset are the segmentation overlay's (the paper scale's batch 16 at
+    5e-4), else the tiny study's 8 at 0.01; a value given wins; every seg_* setting supersedes some records."""
+    from dataclasses import asdict
+
+    sys.path.insert(0, str(ROOT))
+    from study.runner import SUPERSEDED_BY, StudyConfig, is_seg_setting
+
+    paper = json.loads((ROOT / "configs" / "segmentation" / "paper.json").read_text())
+    cfg = StudyConfig(segmentation_overlay="configs/segmentation/paper.json")
+    assert (cfg.seg_batch_size, cfg.seg_learning_rate) == (paper["batch_size"], paper["learning_rate"]) == (16, 5e-4)
+    assert (StudyConfig().seg_batch_size, StudyConfig().seg_learning_rate) == (8, 0.01)
+    given = StudyConfig(segmentation_overlay="configs/segmentation/paper.json", seg_learning_rate=0.002)
+    assert (given.seg_batch_size, given.seg_learning_rate) == (16, 0.002)
+    partial = tmp_path / "overlay.json"
+    partial.write_text(json.dumps({"batch_size": 4}))
+    assert (StudyConfig(segmentation_overlay=str(partial)).seg_learning_rate, StudyConfig(
+        segmentation_overlay=str(partial)).seg_batch_size) == (0.01, 4)  # fmt: skip
+    with pytest.raises(ValueError, match="segmentation_overlay 'configs/none.json': no such file"):
+        StudyConfig(segmentation_overlay="configs/none.json")
+    seg = {k for k in asdict(StudyConfig()) if is_seg_setting(k)}
+    assert seg == set().union(*SUPERSEDED_BY.values()) and "seg_iterations" in seg

@@ -55,7 +55,8 @@ def cxr_augmentation(
     """Affine (rotation, scale, translation as a fraction of ``size``), Gaussian blur and gamma contrast.
 
     There is deliberately no flip: left and right are named in the reports. Put it after
-    :func:`cxr_spatial_intensity`.
+    :func:`cxr_spatial_intensity`: the affine's output is ``size`` x ``size`` (its sampling grid is made once, for
+    that size), the shape :func:`cxr_spatial_intensity` pads every image to; a larger input would be cropped.
     """
     keys = [image_key, *label_keys]
     return [
