@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from study.runner import LEGACY, OBJECTIVES
+from study.runner import OBJECTIVES, legacy_settings
 from study.stats import Difference, load_items, mean_auc, paired_bootstrap
 
 # what the curve's val_mean_dice is: MONAI's MeanDice, the mean over each image's classes present, then over images
@@ -415,9 +415,11 @@ def classes_learnt_at(points: Sequence[dict], share: float = 0.5, least: float =
     return out
 
 
-def schedule_summary(records: Sequence[dict], seg_iterations: int | None, share: float = 0.95) -> str:
+def schedule_summary(records: Sequence[dict], seg_iterations: int | None, share: float = 0.95,
+                     least: float = 0.1) -> str:  # fmt: skip
     """What the from-scratch curve says of the study's segmentation schedule: its Dice at ``seg_iterations``
-    against the curve's best, the first step at ``share`` of that best, and what a schedule of that length would
+    against the curve's best, the first step at ``share`` of that best, when each class it learns (a best of at
+    least ``least``, see :func:`classes_learnt_at`) reaches half its best, and what a schedule of that length would
     cost for every segmentation run of the study (each run's measured time outside its steps, plus that many steps
     at the curve's time per step). ``""`` without a curve."""
     curve = next((r for r in records if r.get("step") == "seg_curve"), None)
@@ -437,13 +439,13 @@ def schedule_summary(records: Sequence[dict], seg_iterations: int | None, share:
     if at is not None:
         text += (f" At {at['iterations']} steps, the nearest point at or below the study's {seg_iterations}, it is "
                  f"{at['val_mean_dice']:.3f}.")
-    learnt = classes_learnt_at(points)
+    learnt = classes_learnt_at(points, least=least)
+    unlearnt = sorted({k for c in points for k in c.get("per_class", {})} - set(learnt))
     if learnt:
         last = max(learnt.values())
         text += (" Every class it learns reaches half its best Dice by " + f"{last} steps ("
                  + ", ".join(f"{k} {v}" for k, v in sorted(learnt.items(), key=lambda kv: (kv[1], kv[0]))) + ")"
-                 + (f"; {', '.join(sorted(set(points[0].get('per_class', {})) - set(learnt)))} never above 0.1"
-                    if set(points[0].get("per_class", {})) - set(learnt) else "")
+                 + (f"; {', '.join(unlearnt)} below {least:g} throughout" if unlearnt else "")
                  + (f", within the study's {seg_iterations}." if last <= seg_iterations
                     else f", after the study's {seg_iterations}."))  # fmt: skip
     if runs and reach["iterations"] > seg_iterations:
@@ -623,7 +625,7 @@ def _settings_text(config: dict, records: Sequence[dict]) -> list[str]:
     if not config:
         return []
     seg_objs = config.get("seg_objectives") or config.get("objectives", [])
-    rate = config.get("seg_learning_rate", LEGACY["seg_learning_rate"])
+    rate = config["seg_learning_rate"] if "seg_learning_rate" in config else legacy_settings(config)["seg_learning_rate"]
     return [
         f"- Seeds {config.get('seeds')}; every objective pre-trained for {config.get('pretrain_epochs')} epochs on the "
         f"default (easy) phantom, scale `{config.get('scale')}`; measured on its **{config.get('split')}** split.",
@@ -675,8 +677,8 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
             phrases = json.loads((work / "heatmap_phrases.json").read_text())
             heatmap_dirs = {o: work / "heatmaps" / o for o in _objectives(records) if (work / "heatmaps" / o).is_dir()}
     pngs = plots(records, out_dir, heatmap_dirs, phrases, items, tables.get("found"), config.get("seg_iterations"))
-    if not heatmap_dirs and (out_dir / "heatmaps.png").is_file():  # drawn from a work folder this one lacks: kept
-        pngs.append(out_dir / "heatmaps.png")
+    if not heatmap_dirs and config.get("heatmap_phrases") and (out_dir / "heatmaps.png").is_file():
+        pngs.append(out_dir / "heatmaps.png")  # drawn from a work folder this one lacks: kept
     tokenizer_note = []
     if work_dir is not None:  # say which tokenizer the runs used (ids differ between tokenizer versions)
         work = Path(work_dir).resolve()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +29,8 @@ TINY_SEG_SCHEDULE = {"batch_size": 8, "learning_rate": 0.01}
 
 @dataclass
 class StudyConfig:
-    """What the study runs. The defaults are the tiny scale, sized for about 100 minutes on 2 idle CPU cores.
+    """What the study runs. The defaults are the tiny scale, sized for 100 minutes on 2 idle CPU cores; their steps
+    took 104 and 230 minutes on two such machines (docs/design.md, "The study").
 
     Every objective is pre-trained for ``pretrain_epochs`` on the default (easy) phantom and measured there;
     ``length_objectives`` are also pre-trained for each of ``length_epochs`` (the training-length axis);
@@ -85,21 +88,37 @@ class StudyConfig:
             raise ValueError("pre-training lengths (pretrain_epochs, length_epochs) must be at least 1 epoch.")
         if self.seg_seeds is not None and self.seg_seeds < 1:
             raise ValueError(f"seg_seeds is the number of seeds that segment (None: all), got {self.seg_seeds}.")
-        overlay = {}
-        if self.segmentation_overlay:
-            from monai.bundle import ConfigParser
-
-            path = Path(self.segmentation_overlay)
-            path = path if path.is_absolute() else ROOT / path
-            if not path.is_file():
-                raise ValueError(f"segmentation_overlay {self.segmentation_overlay!r}: no such file ({path}).")
-            overlay = ConfigParser.load_config_file(str(path))
-        for name, key in (("seg_batch_size", "batch_size"), ("seg_learning_rate", "learning_rate")):
+        names = {"seg_batch_size": "batch_size", "seg_learning_rate": "learning_rate"}
+        unset = [key for name, key in names.items() if getattr(self, name) is None]
+        overlay = overlay_schedule(self.segmentation_overlay, unset) if unset else {}
+        for name, key in names.items():
             if getattr(self, name) is None:  # written out, so that config.json records what ran
                 setattr(self, name, overlay.get(key, TINY_SEG_SCHEDULE[key]))
         if self.seg_iterations < 1 or self.seg_batch_size < 1 or self.seg_learning_rate <= 0:
             raise ValueError("seg_iterations, seg_batch_size and seg_learning_rate must be positive, got "
                              f"{self.seg_iterations}, {self.seg_batch_size}, {self.seg_learning_rate}.")  # fmt: skip
+
+
+def overlay_schedule(overlay: str | None, keys: Sequence[str] = ("batch_size", "learning_rate")) -> dict:
+    """Those of ``keys`` (``batch_size``, ``learning_rate``) that a segmentation overlay (a path, relative to the
+    repository or absolute; None: no overlay) sets. Raises ValueError for a missing file or a value that is not a
+    positive number (a ``@`` reference or ``$`` expression cannot be written into the study's ``config.json``)."""
+    if not overlay:
+        return {}
+    from monai.bundle import ConfigParser
+
+    path = Path(overlay)
+    path = path if path.is_absolute() else ROOT / path
+    if not path.is_file():
+        raise ValueError(f"segmentation_overlay {overlay!r}: no such file ({path}).")
+    config = ConfigParser.load_config_file(str(path))
+    found = {k: config[k] for k in keys if k in config}
+    for key, value in found.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"segmentation_overlay {overlay!r}: {key} must be a positive number for the study "
+                             f"(it records the schedule it ran with), got {value!r}; give --seg-{key.replace('_', '-')} "
+                             "instead, or write the number into the overlay.")  # fmt: skip
+    return found
 
 
 EASY, HARD = "easy", "realistic"  # the phantom's difficulty settings the study runs on
@@ -108,8 +127,21 @@ SEG_SCHEDULE = {"seg_batch_size", "seg_learning_rate", "seg_val_items", "segment
 SUPERSEDED_BY = {"seg_curve": SEG_SCHEDULE | {"seg_curve_epochs", "seg_curve_epoch_length"},
                  "segmentation": SEG_SCHEDULE | {"seg_iterations", "seg_seeds", "seg_objectives", "seg_fractions",
                                                  "seg_modes"}}  # fmt: skip
-# settings added after the first studies, with the value a work folder without them was run with
+# settings added after the first studies, with the value a work folder without them was run with (the rate: the
+# segmentation bundle's, unless that folder's overlay set one; see legacy_settings)
 LEGACY = {"seg_seeds": None, "seg_learning_rate": 0.001}
+
+
+def legacy_settings(previous: dict) -> dict:
+    """:data:`LEGACY` for the work folder whose ``config.json`` is ``previous``: its runs kept the rate of its
+    ``segmentation_overlay`` where that set one."""
+    rate = overlay_schedule(previous.get("segmentation_overlay"), ["learning_rate"]).get("learning_rate")
+    return {**LEGACY, "seg_learning_rate": rate or LEGACY["seg_learning_rate"]}
+
+
+def _key(record: dict) -> str:
+    """A record, told apart from others whatever its supersession tag."""
+    return json.dumps({k: v for k, v in record.items() if k != "superseded"}, sort_keys=True)
 
 
 def is_seg_setting(name: str) -> bool:
@@ -148,7 +180,7 @@ class StudyRunner:
         if self.records and previous_file.is_file():
             previous = json.loads(previous_file.read_text())
             # a setting added since then: the value those runs had (LEGACY), else its default
-            defaults = {**json.loads(json.dumps(asdict(StudyConfig()))), **LEGACY}
+            defaults = {**json.loads(json.dumps(asdict(StudyConfig()))), **legacy_settings(previous)}
             previous = {k: previous.get(k, defaults[k]) for k in settings}
             changed = sorted(k for k in settings if previous[k] != settings[k])
             if settings["seeds"][: len(previous["seeds"])] == previous["seeds"]:  # more seeds after the same ones
@@ -162,7 +194,7 @@ class StudyRunner:
             if new_seeds[: len(old_seeds)] == old_seeds:  # more seeds segment: the runs there are kept
                 changed = [k for k in changed if k != "seg_seeds"]
             steps = [step for step, names in SUPERSEDED_BY.items() if set(changed) & names]
-            if steps:
+            if steps or (self.work / "superseding.json").is_file():
                 self._supersede(steps, changed, previous)
         previous_file.write_text(json.dumps(settings, indent=1))
 
@@ -171,26 +203,44 @@ class StudyRunner:
         old ones move to ``records_superseded.jsonl`` (each tagged ``superseded: n``), and with the segmentation
         runs their per-item files and the settings they ran with to ``items_superseded/<n>/``, so the report never
         mixes two schedules and nothing is deleted; pre-training, evaluation and grounding records stay and are
-        reused."""
+        reused. ``superseding.json`` names the supersession under way until it is complete: one an interruption
+        cut short is completed, under its number, by the next invocation."""
+        kept, moved = self.work / "items_superseded", self.work / "records_superseded.jsonl"
+        journal = self.work / "superseding.json"
+        earlier = load_records(moved) if moved.is_file() else []
+        if journal.is_file():  # cut short: complete it, whatever the settings are now
+            n, steps = (json.loads(journal.read_text())[k] for k in ("n", "steps"))
+            logger.warning("study: completing supersession %d of %s, cut short earlier", n, " and ".join(steps))
+        else:
+            old = [r for r in self.records if r.get("step") in steps]
+            items = list((self.work / "items").glob("seg_*.json")) if "segmentation" in steps else []
+            if not old and not items:
+                return
+            folders = [int(p.name) for p in kept.glob("*") if p.name.isdigit()]
+            n = 1 + max(folders + [r.get("superseded", 0) for r in earlier], default=0)  # in records and folders
+            journal.write_text(json.dumps({"n": n, "steps": list(steps)}))
+            logger.warning("study: segmentation settings changed (%s): %d records of %s superseded, kept in %s",
+                           ", ".join(changed), len(old), " and ".join(steps), moved)  # fmt: skip
         old = [r for r in self.records if r.get("step") in steps]
         items = sorted((self.work / "items").glob("seg_*.json")) if "segmentation" in steps else []
-        if not old and not items:
-            return
-        kept, moved = self.work / "items_superseded", self.work / "records_superseded.jsonl"
-        earlier = [int(p.name) for p in kept.glob("*") if p.name.isdigit()]
-        earlier += [r.get("superseded", 0) for r in (load_records(moved) if moved.is_file() else [])]
-        n = 1 + max(earlier, default=0)  # this supersession's number, in records and folder names alike
-        logger.warning("study: segmentation settings changed (%s): %d records of %s superseded, kept in %s",
-                       ", ".join(changed), len(old), " and ".join(steps), moved)  # fmt: skip
-        if items:  # first the files, then the records: an interruption leaves the records to supersede again
+        if items or "segmentation" in steps:  # first the files, then the records
             (kept / str(n)).mkdir(parents=True, exist_ok=True)
-            (kept / str(n) / "config.json").write_text(json.dumps(previous, indent=1))
+            if not (kept / str(n) / "config.json").is_file():
+                (kept / str(n) / "config.json").write_text(json.dumps(previous, indent=1))
             for path in items:
                 path.replace(kept / str(n) / path.name)
+        there = Counter(_key(r) for r in earlier if r.get("superseded") == n)  # copied before an interruption
         with open(moved, "a") as f:
-            f.writelines(json.dumps({**r, "superseded": n}) + "\n" for r in old)
+            for r in old:
+                if there[_key(r)]:
+                    there[_key(r)] -= 1
+                else:
+                    f.write(json.dumps({**r, "superseded": n}) + "\n")
         self.records = [r for r in self.records if r.get("step") not in steps]
-        self.records_file.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        partial = self.records_file.with_suffix(".jsonl.partial")  # replaced whole: never a half-written file
+        partial.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(partial, self.records_file)
+        journal.unlink()
 
     # ------------------------------------------------------------------ bookkeeping
     def _load_records(self) -> list[dict]:

@@ -60,7 +60,8 @@ def test_study_runs_resumes_and_reports(phantom, tmp_path):
     assert (work / "pretrain" / "easy_random_s0_e1" / "models" / "model.pt").is_file()
     text = (out / "results.md").read_text()
     for label in ("ELVIS (intra-modal)", "random init", "frozen 50%", "finetune 100%", "vs one-hot local",
-                  "## Training length", "## Realistic (harder) phantom", "## The segmentation schedule"):
+                  "## Training length", "## Realistic (harder) phantom", "## The segmentation schedule",
+                  "| steps | Dice (per image, mean of its classes) | nodule |"):
         assert label in text, label
     assert (out / "items" / "easy_elvis_s0_e1.json").is_file() and (out / "study_config.json").is_file()
     for png in ("cnr_per_category", "dice_vs_fraction", "locality", "heatmaps", "length_axis", "seg_curve",
@@ -323,11 +324,15 @@ def test_classes_learnt_at_is_the_first_step_at_half_of_each_class_best():
     assert classes_learnt_at(points, share=1.0) == {"effusion": 10, "nodule": 40}
     assert classes_learnt_at([{"iterations": 5, "val_mean_dice": 0.1}]) == {}  # a curve of the mean alone
     assert classes_learnt_at(points, least=0.05) == {"effusion": 10, "nodule": 30, "opacity": 40}
+    # a best of exactly ``least`` is learnt; half of it (0.05) first reached at 20
+    edge = [{"iterations": 10, "per_class": {"x": 0.04}}, {"iterations": 20, "per_class": {"x": 0.05}},
+            {"iterations": 30, "per_class": {"x": 0.1}}]  # fmt: skip
+    assert classes_learnt_at(edge) == {"x": 20} and classes_learnt_at(edge, least=0.11) == {}
     curve = {"step": "seg_curve", "seconds": 40.0, "curve": points}
     assert schedule_summary([curve], 40).endswith(
-        " Every class it learns reaches half its best Dice by 30 steps (effusion 10, nodule 30); opacity never above 0.1, "
+        " Every class it learns reaches half its best Dice by 30 steps (effusion 10, nodule 30); opacity below 0.1 throughout, "
         "within the study's 40.")  # fmt: skip
-    assert schedule_summary([curve], 20).endswith("(effusion 10, nodule 30); opacity never above 0.1, after the study's 20.")
+    assert schedule_summary([curve], 20).endswith("(effusion 10, nodule 30); opacity below 0.1 throughout, after the study's 20.")
 
 
 def test_per_class_dice_scores_each_class_channel_alone():
@@ -397,6 +402,8 @@ def test_other_segmentation_settings_rerun_segmentation_alone(tmp_path):
     StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=20, seg_curve_epochs=3, seg_seeds=2))
     assert sorted(p.name for p in (tmp_path / "items_superseded" / "3").glob("seg_*")) == [
         "seg_elvis_s0_frozen_1.0.json", "seg_elvis_s1_frozen_1.0.json"]  # fmt: skip
+    superseded = [json.loads(line)["superseded"] for line in (tmp_path / "records_superseded.jsonl").read_text().splitlines()]
+    assert superseded == [1, 2, 3]  # the run's record under the number of its folder
     # a work folder from before seg_seeds and seg_learning_rate: every seed segmented, at the bundle's rate of 0.001
     legacy = tmp_path / "legacy"
     StudyRunner(StudyConfig(work_dir=str(legacy))).record(step="segmentation", objective="elvis", seed=0)
@@ -407,6 +414,14 @@ def test_other_segmentation_settings_rerun_segmentation_alone(tmp_path):
     assert not StudyRunner(StudyConfig(work_dir=str(legacy))).done(step="segmentation")  # 3 seeds at 0.01: re-run
     moved = [json.loads(line) for line in (legacy / "records_superseded.jsonl").read_text().splitlines()]
     assert [(r["step"], r["seed"]) for r in moved] == [("segmentation", 0)]
+    # ... and one run with the paper overlay: at the overlay's rate (5e-4), not the bundle's
+    paper = tmp_path / "legacy_paper"
+    overlay = "configs/segmentation/paper.json"
+    StudyRunner(StudyConfig(work_dir=str(paper), segmentation_overlay=overlay)).record(step="segmentation", seed=0)
+    written = json.loads((paper / "config.json").read_text())
+    (paper / "config.json").write_text(json.dumps({k: v for k, v in written.items()
+                                                   if k not in ("seg_seeds", "seg_learning_rate")}))  # fmt: skip
+    assert StudyRunner(StudyConfig(work_dir=str(paper), segmentation_overlay=overlay, seg_seeds=None)).done(seed=0)
     # only the settings that are refused are named
     with pytest.raises(ValueError, match="other settings \\(pretrain_epochs\\): "):
         StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40, pretrain_epochs=2))
@@ -434,5 +449,51 @@ def test_segmentation_schedule_is_the_overlays_unless_given(tmp_path):
         segmentation_overlay=str(partial)).seg_batch_size) == (0.01, 4)  # fmt: skip
     with pytest.raises(ValueError, match="segmentation_overlay 'configs/none.json': no such file"):
         StudyConfig(segmentation_overlay="configs/none.json")
+    # a reference or an expression cannot be recorded as the schedule that ran: refused, unless given
+    partial.write_text(json.dumps({"batch_size": "@train_batch", "learning_rate": "$0.1 / 10"}))
+    with pytest.raises(ValueError, match="batch_size must be a positive number .* got '@train_batch'; give "
+                                         "--seg-batch-size"):  # fmt: skip
+        StudyConfig(segmentation_overlay=str(partial))
+    with pytest.raises(ValueError, match="learning_rate must be .* got '\\$0.1 / 10'; give --seg-learning-rate"):
+        StudyConfig(segmentation_overlay=str(partial), seg_batch_size=4)
+    given = StudyConfig(segmentation_overlay=str(partial), seg_batch_size=4, seg_learning_rate=0.02)
+    assert (given.seg_batch_size, given.seg_learning_rate) == (4, 0.02)
     seg = {k for k in asdict(StudyConfig()) if is_seg_setting(k)}
     assert seg == set().union(*SUPERSEDED_BY.values()) and "seg_iterations" in seg
+
+
+def test_an_interrupted_supersession_completes_under_its_number(tmp_path):
+    """A supersession cut short (``superseding.json`` left behind: its per-item files moved but not its records,
+    or its records copied but the records file not yet rewritten) is completed by the next invocation under the
+    same number, whatever the settings are then: no second folder, no record copied twice."""
+    sys.path.insert(0, str(ROOT))
+    from study.runner import StudyConfig, StudyRunner
+
+    def lines(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+
+    before = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40))
+    before.record(step="pretrain", objective="elvis", seed=0)
+    run = before.record(step="segmentation", objective="elvis", seed=0, fraction=1.0, mode="frozen")
+    records = (tmp_path / "records.jsonl").read_text()
+    journal = tmp_path / "superseding.json"
+    # cut after the files moved (to folder 1, its settings not yet written), before the records
+    (tmp_path / "items_superseded" / "1").mkdir(parents=True)
+    (tmp_path / "items_superseded" / "1" / "seg_elvis_s0_frozen_1.0.json").write_text("{}")
+    journal.write_text(json.dumps({"n": 1, "steps": ["segmentation"]}))
+    StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=20))
+    assert lines("records_superseded.jsonl") == [{**run, "superseded": 1}] and not journal.exists()
+    assert sorted(p.name for p in (tmp_path / "items_superseded").iterdir()) == ["1"]
+    assert json.loads((tmp_path / "items_superseded" / "1" / "config.json").read_text())["seg_iterations"] == 40
+    assert [r["step"] for r in lines("records.jsonl")] == ["pretrain"]
+    # cut after the records were copied, before the records file was rewritten; resumed with the first settings
+    (tmp_path / "records.jsonl").write_text(records)
+    journal.write_text(json.dumps({"n": 1, "steps": ["segmentation"]}))
+    again = StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=40))
+    assert lines("records_superseded.jsonl") == [{**run, "superseded": 1}] and not journal.exists()
+    assert [r["step"] for r in lines("records.jsonl")] == ["pretrain"] and not again.done(step="segmentation")
+    assert not list(tmp_path.glob("*.partial"))
+    # the next change is the next supersession
+    again.record(**run)
+    StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=30))
+    assert [r["superseded"] for r in lines("records_superseded.jsonl")] == [1, 2]
