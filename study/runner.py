@@ -208,22 +208,22 @@ class StudyRunner:
         kept, moved = self.work / "items_superseded", self.work / "records_superseded.jsonl"
         journal = self.work / "superseding.json"
         earlier = load_records(moved) if moved.is_file() else []
-        if journal.is_file():  # cut short: complete it, whatever the settings are now
+        resuming = journal.is_file()  # cut short: complete it, whatever the settings are now
+        if resuming:
             n, steps = (json.loads(journal.read_text())[k] for k in ("n", "steps"))
+        old = [r for r in self.records if r.get("step") in steps]
+        items = sorted((self.work / "items").glob("seg_*.json")) if "segmentation" in steps else []
+        if resuming:
             logger.warning("study: completing supersession %d of %s, cut short earlier", n, " and ".join(steps))
+        elif not old and not items:
+            return
         else:
-            old = [r for r in self.records if r.get("step") in steps]
-            items = list((self.work / "items").glob("seg_*.json")) if "segmentation" in steps else []
-            if not old and not items:
-                return
             folders = [int(p.name) for p in kept.glob("*") if p.name.isdigit()]
             n = 1 + max(folders + [r.get("superseded", 0) for r in earlier], default=0)  # in records and folders
             journal.write_text(json.dumps({"n": n, "steps": list(steps)}))
             logger.warning("study: segmentation settings changed (%s): %d records of %s superseded, kept in %s",
                            ", ".join(changed), len(old), " and ".join(steps), moved)  # fmt: skip
-        old = [r for r in self.records if r.get("step") in steps]
-        items = sorted((self.work / "items").glob("seg_*.json")) if "segmentation" in steps else []
-        if items or "segmentation" in steps:  # first the files, then the records
+        if "segmentation" in steps:  # first the files, then the records
             (kept / str(n)).mkdir(parents=True, exist_ok=True)
             if not (kept / str(n) / "config.json").is_file():
                 (kept / str(n) / "config.json").write_text(json.dumps(previous, indent=1))
