@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from monai_elvis.data.workers import in_spawned_main, spawn_can_run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
@@ -48,7 +53,7 @@ class StudyConfig:
     work_dir: str = "runs/study"
     dataset_dir: str = "data/phantom"
     objectives: Sequence[str] = OBJECTIVES
-    seeds: Sequence[int] = (0, 1, 2, 3, 4)
+    seeds: Sequence[int] = (0, 1, 2)
     scale: str = "tiny"  # the configs/scale overlay of pre-training; "paper" for the GPU scale
     pretrain_epochs: int = 6
     pretrain_overrides: dict = field(default_factory=dict)
@@ -57,7 +62,7 @@ class StudyConfig:
     hard_dataset_dir: str = "data/phantom_realistic"
     hard_objectives: Sequence[str] = ("elvis", "one_hot", "random")
     segmentation_overlay: str | None = None  # e.g. configs/segmentation/paper.json at the paper scale
-    seg_objectives: Sequence[str] | None = None
+    seg_objectives: Sequence[str] | None = ("elvis", "one_hot", "random")  # None: all of objectives
     seg_fractions: Sequence[float] = (0.01, 0.1, 1.0)
     seg_modes: Sequence[str] = ("frozen", "finetune")
     seg_seeds: int | None = 3
@@ -169,11 +174,8 @@ class StudyRunner:
     """Runs the study of ``config`` step by step; :meth:`run` returns the records (one dict per finished step)."""
 
     def __init__(self, config: StudyConfig) -> None:
-        self.cfg = config
-        self.work = Path(config.work_dir).resolve()
+        self._open(config)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.records_file = self.work / "records.jsonl"
-        self.tokenizer_dir = Path(config.tokenizer_dir).resolve() if config.tokenizer_dir else self.work / "tokenizer"
         self.records = self._load_records()
         settings = json.loads(json.dumps(asdict(config)))  # lists, as read back from JSON
         previous_file = self.work / "config.json"
@@ -242,6 +244,23 @@ class StudyRunner:
         os.replace(partial, self.records_file)
         journal.unlink()
 
+    def _open(self, config: StudyConfig) -> None:
+        self.cfg = config
+        self.work = Path(config.work_dir).resolve()
+        self.records_file = self.work / "records.jsonl"
+        self.tokenizer_dir = Path(config.tokenizer_dir).resolve() if config.tokenizer_dir else self.work / "tokenizer"
+        self.written: list[dict] | None = None  # None: records go to records_file; a list: a worker's, kept there
+
+    @classmethod
+    def worker(cls, config: StudyConfig) -> StudyRunner:
+        """A runner for one step in a worker process: it reads the records but writes none; the records of its
+        step are left in :attr:`written`, for the parent (:meth:`run`) to write."""
+        runner = cls.__new__(cls)
+        runner._open(config)
+        runner.records = runner._load_records()
+        runner.written = []
+        return runner
+
     # ------------------------------------------------------------------ bookkeeping
     def _load_records(self) -> list[dict]:
         return load_records(self.records_file) if self.records_file.is_file() else []
@@ -254,6 +273,9 @@ class StudyRunner:
 
     def record(self, **fields: Any) -> dict:
         self.records.append(fields)
+        if self.written is not None:
+            self.written.append(fields)
+            return fields
         with open(self.records_file, "a") as f:
             f.write(json.dumps(fields) + "\n")
         return fields
@@ -405,7 +427,7 @@ class StudyRunner:
         g = self._grounding_overrides(root or self.work)
         return dict(bundle_root=str(seg_root), dataset_dir=g["dataset_dir"], seed=seed, image_size=g["image_size"],
                     image_arch=g["image_arch"], image_widen_factor=g["image_widen_factor"], prepare_phantom=False,
-                    num_workers=self.cfg.num_workers, cache_rate=0.0, batch_size=self.cfg.seg_batch_size,
+                    num_workers=self.cfg.num_workers, cache_rate=1.0, batch_size=self.cfg.seg_batch_size,
                     learning_rate=self.cfg.seg_learning_rate)  # fmt: skip
 
     def _seg_files(self) -> list[str]:
@@ -498,43 +520,157 @@ class StudyRunner:
         target.write_text(json.dumps({"segmentation": {"metrics": {"test_mean_dice": values}}}))
 
     # ------------------------------------------------------------------ all
-    def model(self, objective: str, seed: int, phantom: str = EASY, epochs: int | None = None) -> Path:
-        """Pre-train one model and measure it (evaluation and grounding); returns its bundle root."""
-        root = self.pretrain(objective, seed, phantom, epochs)
+    def measure(self, objective: str, seed: int, phantom: str = EASY, epochs: int | None = None,
+                phrases_file: str | None = None) -> None:  # fmt: skip
+        """Evaluate a pre-trained model and ground its phrases (and, given ``phrases_file``, draw its heatmaps)."""
+        root = self._root(objective, seed, phantom, epochs or self.cfg.pretrain_epochs)
         self.evaluate_pretrain(objective, seed, root, phantom, epochs)
         self.grounding(objective, seed, root, phantom, epochs)
-        return root
+        if phrases_file:
+            self.heatmaps(objective, root, Path(phrases_file))
 
-    def run(self) -> list[dict]:
+    def tasks(self, phrases_file: Path | None = None) -> list[Task]:
+        """Every step of the study, in the order they start: seed by seed, so that an interrupted study has whole
+        seeds; each model's measures and segmentation runs after its pre-training."""
+        seg_objectives = self.cfg.objectives if self.cfg.seg_objectives is None else self.cfg.seg_objectives
+        seg_seeds = list(self.cfg.seeds)[: self.cfg.seg_seeds]  # [:None] is all of them
+        tasks = [Task("segmentation curve", "segmentation_curve", {})]
+        for seed in self.cfg.seeds:
+            models = [(o, EASY, None) for o in self.cfg.objectives]
+            models += [(o, EASY, e) for e in self.cfg.length_epochs for o in self.cfg.length_objectives
+                       if e != self.cfg.pretrain_epochs]  # fmt: skip
+            models += [(o, HARD, None) for o in self.cfg.hard_objectives]
+            for objective, phantom, epochs in models:
+                key = dict(objective=objective, seed=seed, phantom=phantom, epochs=epochs)
+                name = f"{objective} seed {seed}, {phantom} phantom, {epochs or self.cfg.pretrain_epochs} epochs"
+                main = phantom == EASY and epochs is None
+                draw = main and bool(self.cfg.heatmap_phrases) and seed == self.cfg.seeds[0] and phrases_file
+                tasks.append(Task(f"pre-training {name}", "pretrain", key))
+                tasks.append(Task(f"measures of {name}", "measure",
+                                  {**key, "phrases_file": str(phrases_file) if draw else None}, tasks[-1].name))
+                if main and objective in seg_objectives and seed in seg_seeds:
+                    root = self._root(objective, seed, EASY, self.cfg.pretrain_epochs)
+                    after = tasks[-2].name
+                    tasks += [Task(f"segmentation {objective} seed {seed}, {mode} {fraction:g}", "segmentation",
+                                   dict(objective=objective, seed=seed, root=root, fraction=fraction, mode=mode), after)
+                              for fraction in self.cfg.seg_fractions for mode in self.cfg.seg_modes]  # fmt: skip
+        return tasks
+
+    def run(self, processes: int = 1) -> list[dict]:
+        """Run the steps not yet recorded, ``processes`` at a time, each in a worker process on one thread (so
+        that the figures do not depend on how many run at once); the records are written here as each step ends.
+
+        A step that fails (or a worker that dies) stops the study with its error, once the steps already under
+        way have ended and been recorded."""
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}.")
         start = time.time()
         self.prepare()
         phrases_file = self.work / "heatmap_phrases.json"
         if self.cfg.heatmap_phrases and not phrases_file.is_file():
             phrases_file.write_text(json.dumps(choose_phrases(self.cfg.dataset_dir, self.cfg.split,
                                                               self.cfg.heatmap_phrases), indent=1))  # fmt: skip
-        self.segmentation_curve()
-        seg_objectives = self.cfg.objectives if self.cfg.seg_objectives is None else self.cfg.seg_objectives
-        seg_seeds = list(self.cfg.seeds)[: self.cfg.seg_seeds]  # [:None] is all of them
-        plan = []  # seed by seed, so that an interrupted study has whole seeds
-        for seed in self.cfg.seeds:
-            plan += [(o, seed, EASY, None) for o in self.cfg.objectives]
-            plan += [(o, seed, EASY, e) for e in self.cfg.length_epochs for o in self.cfg.length_objectives
-                     if e != self.cfg.pretrain_epochs]  # fmt: skip
-            plan += [(o, seed, HARD, None) for o in self.cfg.hard_objectives]
-        for i, (objective, seed, phantom, epochs) in enumerate(plan):
-            logger.info("study: %s seed %d, %s phantom, %d epochs (%d/%d), %.0f s so far", objective, seed, phantom,
-                        epochs or self.cfg.pretrain_epochs, i + 1, len(plan), time.time() - start)  # fmt: skip
-            root = self.model(objective, seed, phantom, epochs)
-            if phantom != EASY or epochs is not None:
-                continue
-            if self.cfg.heatmap_phrases and seed == self.cfg.seeds[0]:
-                self.heatmaps(objective, root, phrases_file)
-            if objective in seg_objectives and seed in seg_seeds:
-                for fraction in self.cfg.seg_fractions:
-                    for mode in self.cfg.seg_modes:
-                        self.segmentation(objective, seed, root, fraction, mode)
-        self.record(step="session", seconds=round(time.time() - start, 1))
+        if processes > 1 and in_spawned_main():
+            raise RuntimeError("a study worker is running the main script again. " + WORKER_HELP)
+        if processes > 1 and not spawn_can_run_main():
+            logger.warning("the main script was read from stdin, where worker processes cannot start: the study runs "
+                           "its steps one at a time, in this process")  # fmt: skip
+            processes = 1
+        pending = self.tasks(phrases_file)
+        total, finished, running, error = len(pending), set(), {}, None
+        # spawn, not fork (a fork of a process that has used torch's threads can hang), in an executor, which
+        # raises BrokenProcessPool for a worker that dies (see monai_elvis.data.workers)
+        context = multiprocessing.get_context("spawn")
+        executor = _InProcess() if processes == 1 else ProcessPoolExecutor(processes, mp_context=context,
+                                                                           initializer=_init_worker)  # fmt: skip
+        with executor as pool:
+            while pending or running:
+                while error is None and len(running) < processes:
+                    ready = next((t for t in pending if t.after is None or t.after in finished), None)
+                    if ready is None:
+                        break
+                    pending.remove(ready)
+                    logger.info("study: %s (%d/%d), %.0f s so far", ready.name, total - len(pending), total,
+                                time.time() - start)  # fmt: skip
+                    running[pool.submit(_run_task, self.cfg, ready.method, ready.kwargs)] = ready
+                if not running:
+                    break
+                ended, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in ended:
+                    task = running.pop(future)
+                    try:
+                        written = future.result()
+                    except Exception as e:  # noqa: BLE001 - re-raised below, once the other steps have ended
+                        logger.error("study: %s failed: %s", task.name, e)
+                        error = error or (task, e)
+                        continue
+                    for fields in written:
+                        self.record(**fields)
+                    finished.add(task.name)
+        if error is not None:
+            task, e = error
+            why = (f"a worker process died (its error, if any, is printed above). {WORKER_HELP}"
+                   if isinstance(e, BrokenProcessPool) else f"{type(e).__name__}: {e}")  # fmt: skip
+            raise RuntimeError(f"study step {task.name!r} failed ({why}); the steps that ended are recorded in "
+                               f"{self.records_file}, and running the study again resumes.") from e  # fmt: skip
+        self.record(step="session", seconds=round(time.time() - start, 1), processes=processes)
         return self.records
+
+
+@dataclass(frozen=True)
+class Task:
+    """One step of the study: :class:`StudyRunner`'s ``method`` called with ``kwargs``, once ``after`` (the name of
+    another task, or None) has ended."""
+
+    name: str
+    method: str
+    kwargs: dict
+    after: str | None = None
+
+
+WORKER_HELP = ("The study's workers are started with 'spawn': each runs the main script again first, so a script "
+               "that runs the study at its top level (without an `if __name__ == \"__main__\":` guard) cannot start "
+               "them. Put the call under that guard, pass processes=1, or run `python -m study run`.")
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+class _InProcess:
+    """An executor for ``processes=1``: runs each call at once, in this process, on one thread (as a worker does)."""
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn, *args: Any) -> Future:
+        future: Future = Future()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            future.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - handed to the caller through the future, as a pool would
+            future.set_exception(e)
+        finally:
+            torch.set_num_threads(threads)
+        return future
+
+
+def _run_task(config: StudyConfig, method: str, kwargs: dict) -> list[dict]:
+    """In a worker process: one step of the study; the records it made (the parent writes them)."""
+    runner = StudyRunner.worker(config)
+    getattr(runner, method)(**kwargs)
+    return runner.written
+
+
+def default_processes() -> int:
+    """Steps run at once: one per CPU core this process may use, or 1 with a GPU (where the runs share it)."""
+    if torch.cuda.is_available():
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def per_class_dice(class_names: Sequence[str]) -> dict:

@@ -51,8 +51,10 @@ def _slug(name: str) -> str:
 
 
 def run_sweep(work_dir: str | Path, variants: Sequence[str], lengths: Sequence[int], seeds: Sequence[int],
-              split: str = "validation", tokenizer_dir: str | None = None, **study: object) -> list[dict]:  # fmt: skip
-    """Run every variant x training length x seed; return the records, each tagged with ``variant`` and ``epochs``.
+              split: str = "validation", tokenizer_dir: str | None = None, processes: int = 1,
+              **study: object) -> list[dict]:  # fmt: skip
+    """Run every variant x training length x seed, each variant's seeds ``processes`` at a time; return the records,
+    each tagged with ``variant`` and ``epochs``.
 
     ``study`` holds further :class:`~study.runner.StudyConfig` settings (dataset_dir, phantom_num, image_size, ...).
     """
@@ -70,7 +72,7 @@ def run_sweep(work_dir: str | Path, variants: Sequence[str], lengths: Sequence[i
                           pretrain_overrides=dict(v.overrides), seg_fractions=(), split=split, heatmap_phrases=0,
                           length_objectives=(), hard_objectives=(), seg_curve_epochs=0,
                           tokenizer_dir=tokenizer_dir, **study)  # type: ignore[arg-type]  # fmt: skip
-        StudyRunner(cfg).run()
+        StudyRunner(cfg).run(processes)
         (sub / "variant.json").write_text(json.dumps({"variant": name, "epochs": epochs, "split": split}))
     return sweep_records(work)
 

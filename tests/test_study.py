@@ -497,3 +497,87 @@ def test_an_interrupted_supersession_completes_under_its_number(tmp_path):
     again.record(**run)
     StudyRunner(StudyConfig(work_dir=str(tmp_path), seg_iterations=30))
     assert [r["superseded"] for r in lines("records_superseded.jsonl")] == [1, 2]
+
+
+def _runner_without_data(tmp_path, tasks):
+    """A study runner whose :meth:`run` runs ``tasks`` alone (no phantom, no heatmaps)."""
+    sys.path.insert(0, str(ROOT))
+    from study.runner import StudyConfig, StudyRunner
+
+    runner = StudyRunner(StudyConfig(work_dir=str(tmp_path), heatmap_phrases=0))
+    runner.prepare = lambda: None
+    runner.tasks = lambda phrases_file=None: list(tasks)
+    return runner
+
+
+def test_the_study_runs_its_steps_in_worker_processes_after_their_dependencies(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from study.runner import Task
+
+    # "record" is a step that records its arguments: the parent writes what each worker recorded
+    tasks = [Task("b", "record", {"step": "b"}, after="a"), Task("a", "record", {"step": "a"}),
+             Task("c", "record", {"step": "c"}, after="b"), Task("d", "record", {"step": "d"})]  # fmt: skip
+    records = _runner_without_data(tmp_path, tasks).run(processes=1)
+    assert [r["step"] for r in records] == ["a", "b", "c", "d", "session"]  # b waits for a, then runs before d
+    written = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert written == records and written[-1]["processes"] == 1
+    many = _runner_without_data(tmp_path / "many", tasks).run(processes=3)
+    steps = [r["step"] for r in many]
+    assert sorted(steps[:-1]) == ["a", "b", "c", "d"] and steps.index("a") < steps.index("b") < steps.index("c")
+    with pytest.raises(ValueError, match="at least 1"):
+        _runner_without_data(tmp_path / "none", tasks).run(processes=0)
+
+
+def test_a_failing_step_stops_the_study_after_recording_the_steps_under_way(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from study.runner import Task
+
+    tasks = [Task("fails", "no_such_step", {}), Task("under way", "record", {"step": "under way"}),
+             Task("after", "record", {"step": "after"}, after="fails"), Task("last", "record", {"step": "last"})]  # fmt: skip
+    runner = _runner_without_data(tmp_path, tasks)
+    with pytest.raises(RuntimeError, match="study step 'fails' failed \\(AttributeError.*running the study again"):
+        runner.run(processes=2)
+    written = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    # the step under way beside the one that failed is recorded; none starts after the failure, and no session ends
+    assert [r["step"] for r in written] == ["under way"]
+
+
+def test_the_figures_do_not_depend_on_how_many_steps_run_at_once(phantom, tmp_path):
+    args = ["run", "--dataset-dir", str(phantom), "--phantom-num", "40", "--image-size", "64", "--objectives", "elvis",
+            "--seeds", "0", "--pretrain-epochs", "1", "--length-objectives", "--hard-objectives", "--seg-objectives",
+            "elvis", "--seg-iterations", "2", "--seg-fractions", "1.0", "--seg-modes", "finetune",
+            "--seg-curve-epochs", "1", "--seg-curve-epoch-length", "2"]  # fmt: skip
+    figures = []
+    for processes in ("1", "2"):
+        work = tmp_path / processes
+        res = _study(*args, "--work-dir", str(work), "--out", str(tmp_path / f"out{processes}"), "--processes", processes)
+        assert res.returncode == 0, res.stderr[-3000:]
+        records = [json.loads(line) for line in (work / "records.jsonl").read_text().splitlines()]
+        assert records[-1]["step"] == "session" and records[-1]["processes"] == int(processes)
+        figures.append(sorted(json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True)
+                              for r in records[:-1]))  # fmt: skip
+    assert len(figures[0]) == 5 and figures[0] == figures[1]  # curve, pre-training, locality, grounding, segmentation
+
+
+_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from study.runner import StudyConfig, StudyRunner, Task
+
+runner = StudyRunner(StudyConfig(work_dir={work!r}, heatmap_phrases=0))
+runner.prepare = lambda: None
+runner.tasks = lambda phrases_file=None: [Task("a", "record", {{"step": "a"}}), Task("b", "record", {{"step": "b"}})]
+print([r["step"] for r in runner.run(processes=2)])
+"""
+
+
+def test_a_script_without_a_main_guard_gets_an_error_and_stdin_runs_in_process(tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(_SCRIPT.format(root=str(ROOT), work=str(tmp_path / "script")))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "if __name__ ==" in res.stderr and "study step" in res.stderr, res.stderr[-2000:]
+    # read from stdin, workers cannot start: the steps run one at a time in the script's own process
+    code = _SCRIPT.format(root=str(ROOT), work=str(tmp_path / "stdin"))
+    res = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "['a', 'b', 'session']" in res.stdout, res.stderr[-2000:]
+    assert "read from stdin" in res.stderr
