@@ -454,7 +454,8 @@ def schedule_summary(records: Sequence[dict], seg_iterations: int | None, share:
         spent = sum(r["seconds"] for r in runs) / 60
         text += (f" The study's schedule is short of the plateau: at {per_step:.2f} s a step (the curve's "
                  f"time, validations included), its {len(runs)} segmentation runs at {reach['iterations']} steps "
-                 f"would take about {minutes:.0f} minutes, against {spent:.0f} for {seg_iterations} steps.")
+                 f"would take about {minutes:.0f} minutes of worker time, against {spent:.0f} for "
+                 f"{seg_iterations} steps.")
     return text
 
 
@@ -693,10 +694,12 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
             tokenizer_note = [f"These runs used the tokenizer in `{shown}` (given with `--tokenizer-dir`): `python -m "
                               f"study run --tokenizer-dir {shown}` repeats them with it.", ""]  # fmt: skip
     steps = sum(r.get("seconds", 0) for r in records if r.get("step") not in ("session", None))
-    sessions = [r["seconds"] for r in records if r.get("step") == "session"]
+    sessions = [r for r in records if r.get("step") == "session"]
+    at_once = f", {sessions[-1]['processes']} at a time" if sessions and sessions[-1].get("processes") else ""
     text = ["# Reproduction study results", ""]
-    text += [f"Time of the steps: {steps / 60:.1f} min in all (pre-training, evaluation, grounding, segmentation); "
-             f"{len(sessions)} invocation(s) of the study command, the last {sessions[-1] / 60:.1f} min." if sessions
+    text += [f"Time of the steps: {steps / 60:.1f} min in all (pre-training, evaluation, grounding, segmentation, each "
+             f"summed over the processes that ran them{at_once}); {len(sessions)} invocation(s) of the study command, "
+             f"the last {sessions[-1]['seconds'] / 60:.1f} min of wall time." if sessions
              else f"Time of the steps so far: {steps / 60:.1f} min (the study has not finished).", ""]
     text += tokenizer_note
     text += _settings_text(config, records) + ([""] if config else [])

@@ -34,8 +34,8 @@ TINY_SEG_SCHEDULE = {"batch_size": 8, "learning_rate": 0.01}
 
 @dataclass
 class StudyConfig:
-    """What the study runs. The defaults are the tiny scale, sized for 100 minutes on 2 idle CPU cores; their steps
-    took 104 and 230 minutes on two such machines (docs/design.md, "The study").
+    """What the study runs. The defaults are the tiny scale, sized for 100 minutes on 2 idle CPU cores: from scratch
+    they took 79 minutes of wall time, 2 steps at a time (docs/design.md, "The study").
 
     Every objective is pre-trained for ``pretrain_epochs`` on the default (easy) phantom and measured there;
     ``length_objectives`` are also pre-trained for each of ``length_epochs`` (the training-length axis);

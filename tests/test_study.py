@@ -23,8 +23,8 @@ def test_study_runs_resumes_and_reports(phantom, tmp_path):
     hard = tmp_path / "realistic"
     prepare_phantom(hard, num=40, size=64, workers=1, difficulty="realistic")
     work, out = tmp_path / "work", tmp_path / "results"
-    args = ["run", "--work-dir", str(work), "--out", str(out), "--dataset-dir", str(phantom), "--phantom-num", "40",
-            "--image-size", "64", "--objectives", "elvis", "one_hot", "random", "--seeds", "0", "1",
+    args = ["run", "--work-dir", str(work), "--out", str(out), "--processes", "2", "--dataset-dir", str(phantom),
+            "--phantom-num", "40", "--image-size", "64", "--objectives", "elvis", "one_hot", "random", "--seeds", "0", "1",
             "--pretrain-epochs", "1", "--length-objectives", "elvis", "one_hot", "--length-epochs", "2",
             "--hard-dataset-dir", str(hard), "--hard-objectives", "elvis", "random", "--seg-objectives", "elvis", "random",
             "--seg-iterations", "2", "--seg-fractions", "0.5", "1.0", "--seg-curve-epochs", "2",
@@ -61,7 +61,8 @@ def test_study_runs_resumes_and_reports(phantom, tmp_path):
     text = (out / "results.md").read_text()
     for label in ("ELVIS (intra-modal)", "random init", "frozen 50%", "finetune 100%", "vs one-hot local",
                   "## Training length", "## Realistic (harder) phantom", "## The segmentation schedule",
-                  "| steps | Dice (per image, mean of its classes) | nodule |"):
+                  "| steps | Dice (per image, mean of its classes) | nodule |",
+                  "summed over the processes that ran them, 2 at a time); 1 invocation(s)"):
         assert label in text, label
     assert (out / "items" / "easy_elvis_s0_e1.json").is_file() and (out / "study_config.json").is_file()
     for png in ("cnr_per_category", "dice_vs_fraction", "locality", "heatmaps", "length_axis", "seg_curve",
@@ -299,7 +300,7 @@ def test_schedule_summary_says_whether_the_segmentation_schedule_reaches_the_pla
         "curve may find more. At 10 "
         "steps, the nearest point at or below the study's 15, it is 0.100. The study's schedule is short of "
         "the plateau: at 2.50 s a step (the curve's time, validations included), its 2 segmentation runs at 30 steps "
-        "would take about 3 minutes, against 2 for 15 steps."
+        "would take about 3 minutes of worker time, against 2 for 15 steps."
     )  # fmt: skip
     at_plateau = schedule_summary([curve] + runs, 30)
     assert at_plateau.endswith("At 30 steps, the nearest point at or below the study's 30, it is 0.960.")
