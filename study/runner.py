@@ -1,7 +1,7 @@
 """Run every (objective, seed) of the study through the bundles, recording each step's figures as it finishes.
 
 Each finished step appends one JSON line to ``<work_dir>/records.jsonl``; a restarted study skips the steps
-already recorded there, so an interrupted run loses at most the step in progress.
+already recorded there, so an interrupted run loses at most the steps in progress (one per worker process).
 """
 
 from __future__ import annotations
@@ -520,15 +520,6 @@ class StudyRunner:
         target.write_text(json.dumps({"segmentation": {"metrics": {"test_mean_dice": values}}}))
 
     # ------------------------------------------------------------------ all
-    def measure(self, objective: str, seed: int, phantom: str = EASY, epochs: int | None = None,
-                phrases_file: str | None = None) -> None:  # fmt: skip
-        """Evaluate a pre-trained model and ground its phrases (and, given ``phrases_file``, draw its heatmaps)."""
-        root = self._root(objective, seed, phantom, epochs or self.cfg.pretrain_epochs)
-        self.evaluate_pretrain(objective, seed, root, phantom, epochs)
-        self.grounding(objective, seed, root, phantom, epochs)
-        if phrases_file:
-            self.heatmaps(objective, root, Path(phrases_file))
-
     def tasks(self, phrases_file: Path | None = None) -> list[Task]:
         """Every step of the study, in the order they start: seed by seed, so that an interrupted study has whole
         seeds; each model's measures and segmentation runs after its pre-training."""
@@ -545,33 +536,37 @@ class StudyRunner:
                 name = f"{objective} seed {seed}, {phantom} phantom, {epochs or self.cfg.pretrain_epochs} epochs"
                 main = phantom == EASY and epochs is None
                 draw = main and bool(self.cfg.heatmap_phrases) and seed == self.cfg.seeds[0] and phrases_file
-                tasks.append(Task(f"pre-training {name}", "pretrain", key))
-                tasks.append(Task(f"measures of {name}", "measure",
-                                  {**key, "phrases_file": str(phrases_file) if draw else None}, tasks[-1].name))
+                after = f"pre-training {name}"
+                root = self._root(objective, seed, phantom, epochs or self.cfg.pretrain_epochs)
+                tasks += [Task(after, "pretrain", key), Task(f"evaluation of {name}", "evaluate_pretrain",
+                                                            {**key, "root": root}, after),
+                          Task(f"grounding of {name}", "grounding", {**key, "root": root}, after)]  # fmt: skip
+                if draw:
+                    tasks.append(Task(f"heatmaps of {name}", "heatmaps",
+                                      dict(objective=objective, root=root, phrases_file=phrases_file), after))  # fmt: skip
                 if main and objective in seg_objectives and seed in seg_seeds:
-                    root = self._root(objective, seed, EASY, self.cfg.pretrain_epochs)
-                    after = tasks[-2].name
                     tasks += [Task(f"segmentation {objective} seed {seed}, {mode} {fraction:g}", "segmentation",
                                    dict(objective=objective, seed=seed, root=root, fraction=fraction, mode=mode), after)
                               for fraction in self.cfg.seg_fractions for mode in self.cfg.seg_modes]  # fmt: skip
-        return tasks
+        unique = {t.name: t for t in tasks}  # a value given twice (--seeds 0 0) is one step, run once
+        return list(unique.values())
 
     def run(self, processes: int = 1) -> list[dict]:
         """Run the steps not yet recorded, ``processes`` at a time, each in a worker process on one thread (so
         that the figures do not depend on how many run at once); the records are written here as each step ends.
 
-        A step that fails (or a worker that dies) stops the study with its error, once the steps already under
-        way have ended and been recorded."""
+        A step that fails stops the study with its error, once the steps already under way have ended and been
+        recorded; a worker that dies stops it too, and takes the steps the other workers were running with it."""
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}.")
+        if processes > 1 and in_spawned_main():
+            raise RuntimeError("a study worker is running the main script again. " + WORKER_HELP)
         start = time.time()
         self.prepare()
         phrases_file = self.work / "heatmap_phrases.json"
         if self.cfg.heatmap_phrases and not phrases_file.is_file():
             phrases_file.write_text(json.dumps(choose_phrases(self.cfg.dataset_dir, self.cfg.split,
                                                               self.cfg.heatmap_phrases), indent=1))  # fmt: skip
-        if processes > 1 and in_spawned_main():
-            raise RuntimeError("a study worker is running the main script again. " + WORKER_HELP)
         if processes > 1 and not spawn_can_run_main():
             logger.warning("the main script was read from stdin, where worker processes cannot start: the study runs "
                            "its steps one at a time, in this process")  # fmt: skip
@@ -592,7 +587,10 @@ class StudyRunner:
                     pending.remove(ready)
                     logger.info("study: %s (%d/%d), %.0f s so far", ready.name, total - len(pending), total,
                                 time.time() - start)  # fmt: skip
-                    running[pool.submit(_run_task, self.cfg, ready.method, ready.kwargs)] = ready
+                    try:
+                        running[pool.submit(_run_task, self.cfg, ready.method, ready.kwargs)] = ready
+                    except BrokenProcessPool as e:  # a worker died since the last wait
+                        error = error or ([ready], e)
                 if not running:
                     break
                 ended, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -600,19 +598,25 @@ class StudyRunner:
                     task = running.pop(future)
                     try:
                         written = future.result()
+                    except BrokenProcessPool as e:  # every step under way fails with it: name them all
+                        error = error or ([task, *running.values()], e)
+                        continue
                     except Exception as e:  # noqa: BLE001 - re-raised below, once the other steps have ended
                         logger.error("study: %s failed: %s", task.name, e)
-                        error = error or (task, e)
+                        error = error or ([task], e)
                         continue
                     for fields in written:
                         self.record(**fields)
                     finished.add(task.name)
         if error is not None:
-            task, e = error
-            why = (f"a worker process died (its error, if any, is printed above). {WORKER_HELP}"
-                   if isinstance(e, BrokenProcessPool) else f"{type(e).__name__}: {e}")  # fmt: skip
-            raise RuntimeError(f"study step {task.name!r} failed ({why}); the steps that ended are recorded in "
+            tasks, e = error
+            names = " or ".join(repr(t.name) for t in tasks)
+            why = ("a worker process died (its error, if any, is printed above), e.g. out of memory: try fewer "
+                   f"--processes. {WORKER_HELP}" if isinstance(e, BrokenProcessPool) else f"{type(e).__name__}: {e}")
+            raise RuntimeError(f"study step {names} failed ({why}); the steps that ended are recorded in "
                                f"{self.records_file}, and running the study again resumes.") from e  # fmt: skip
+        if pending:  # cannot happen: every task waits for one listed before it
+            raise RuntimeError(f"study steps never started: {[t.name for t in pending]}")
         self.record(step="session", seconds=round(time.time() - start, 1), processes=processes)
         return self.records
 
