@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from study.report import write_report
 
-    if getattr(args, "processes", None) is not None and args.processes < 1:
-        parser.error(f"--processes must be at least 1, got {args.processes}.")
+    processes = getattr(args, "processes", None)
+    if processes is not None and processes < 1:
+        parser.error(f"--processes must be at least 1, got {processes}.")
+    processes = default_processes() if processes is None else processes
     if args.command == "run":
         cfg = StudyConfig(work_dir=args.work_dir, dataset_dir=args.dataset_dir, objectives=args.objectives,
                           seeds=args.seeds, scale=args.scale, pretrain_epochs=args.pretrain_epochs,
@@ -135,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                           phantom_num=args.phantom_num, image_size=args.image_size, num_workers=args.num_workers,
                           tokenizer_dir=args.tokenizer_dir)  # fmt: skip
         start = time.time()
-        records = StudyRunner(cfg).run(default_processes() if args.processes is None else args.processes)
+        records = StudyRunner(cfg).run(processes)
         logging.getLogger("study").info("study finished in %.1f min", (time.time() - start) / 60)
     elif args.command == "sweep":
         start = time.time()
         records = run_sweep(args.work_dir, args.variants, args.lengths, args.seeds, args.split,
                             dataset_dir=args.dataset_dir, phantom_num=args.phantom_num, image_size=args.image_size,
                             num_workers=args.num_workers, tokenizer_dir=args.tokenizer_dir,
-                            processes=default_processes() if args.processes is None else args.processes)  # fmt: skip
+                            processes=processes)  # fmt: skip
         logging.getLogger("study").info("sweep finished in %.1f min", (time.time() - start) / 60)
         print(f"wrote {write_sweep_report(records, args.out)}")
         return 0

@@ -53,7 +53,7 @@ def _slug(name: str) -> str:
 def run_sweep(work_dir: str | Path, variants: Sequence[str], lengths: Sequence[int], seeds: Sequence[int],
               split: str = "validation", tokenizer_dir: str | None = None, processes: int = 1,
               **study: object) -> list[dict]:  # fmt: skip
-    """Run every variant x training length x seed, each variant's seeds ``processes`` at a time; return the records,
+    """Run every variant x training length x seed, each variant's steps ``processes`` at a time; return the records,
     each tagged with ``variant`` and ``epochs``.
 
     ``study`` holds further :class:`~study.runner.StudyConfig` settings (dataset_dir, phantom_num, image_size, ...).
