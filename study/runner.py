@@ -35,7 +35,7 @@ TINY_SEG_SCHEDULE = {"batch_size": 8, "learning_rate": 0.01}
 @dataclass
 class StudyConfig:
     """What the study runs. The defaults are the tiny scale, sized for 100 minutes on 2 idle CPU cores: from scratch
-    they took 79 minutes of wall time, 2 steps at a time (docs/design.md, "The study").
+    they took 66 minutes of wall time, 2 steps at a time (docs/design.md, "The study").
 
     Every objective is pre-trained for ``pretrain_epochs`` on the default (easy) phantom and measured there;
     ``length_objectives`` are also pre-trained for each of ``length_epochs`` (the training-length axis);
@@ -66,7 +66,7 @@ class StudyConfig:
     seg_fractions: Sequence[float] = (0.01, 0.1, 1.0)
     seg_modes: Sequence[str] = ("frozen", "finetune")
     seg_seeds: int | None = 3
-    seg_iterations: int = 300
+    seg_iterations: int = 350
     seg_curve_epochs: int = 12
     seg_curve_epoch_length: int = 50
     seg_batch_size: int | None = None  # None: the overlay's batch_size, else TINY_SEG_SCHEDULE's
@@ -184,7 +184,8 @@ class StudyRunner:
             # a setting added since then: the value those runs had (LEGACY), else its default
             defaults = {**json.loads(json.dumps(asdict(StudyConfig()))), **legacy_settings(previous)}
             previous = {k: previous.get(k, defaults[k]) for k in settings}
-            changed = sorted(k for k in settings if previous[k] != settings[k])
+            # where the folder is does not change what it holds: a moved or copied work folder resumes
+            changed = sorted(k for k in settings if previous[k] != settings[k] and k != "work_dir")
             if settings["seeds"][: len(previous["seeds"])] == previous["seeds"]:  # more seeds after the same ones
                 changed = [k for k in changed if k != "seeds"]  # extend the study
             refused = [k for k in changed if not is_seg_setting(k)]

@@ -361,6 +361,25 @@ def test_per_class_dice_scores_each_class_channel_alone():
         assert metric.compute() == pytest.approx(expected)
 
 
+def test_a_moved_work_folder_resumes(tmp_path):
+    """A work folder copied elsewhere is the same study: it resumes with its records, and its config then names
+    where it is now; other settings are still refused there."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT))
+    from study.runner import StudyConfig, StudyRunner
+
+    first = StudyRunner(StudyConfig(work_dir=str(tmp_path / "a"), seg_iterations=40))
+    first.record(step="pretrain", objective="elvis", seed=0)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = StudyRunner(StudyConfig(work_dir=str(tmp_path / "b"), seg_iterations=40))
+    assert moved.done(step="pretrain", objective="elvis", seed=0)
+    assert not (tmp_path / "b" / "records_superseded.jsonl").exists()
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["work_dir"] == str(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"other settings \(pretrain_epochs\)"):
+        StudyRunner(StudyConfig(work_dir=str(tmp_path / "b"), seg_iterations=40, pretrain_epochs=2))
+
+
 def test_other_segmentation_settings_rerun_segmentation_alone(tmp_path):
     """A work dir whose seg_* settings change keeps its pre-training records and moves aside the segmentation records
     those settings made (records and per-item files, with the settings they ran with; nothing deleted); other
