@@ -251,11 +251,16 @@ class StudyRunner:
         self.records_file = self.work / "records.jsonl"
         self.tokenizer_dir = Path(config.tokenizer_dir).resolve() if config.tokenizer_dir else self.work / "tokenizer"
         self.written: list[dict] | None = None  # None: records go to records_file; a list: a worker's, kept there
+        # a worker's per-item merges into items/<name>.json (name, part, source), left for the parent to make: two
+        # steps of one model (its evaluation and its grounding) end in different processes, and a file that both
+        # read, change and write back would keep only one of them
+        self.kept_items: list[tuple[str, str, str]] = []
 
     @classmethod
     def worker(cls, config: StudyConfig) -> StudyRunner:
         """A runner for one step in a worker process: it reads the records but writes none; the records of its
-        step are left in :attr:`written`, for the parent (:meth:`run`) to write."""
+        step are left in :attr:`written`, and its per-item merges in :attr:`kept_items`, for the parent (:meth:`run`)
+        to make."""
         runner = cls.__new__(cls)
         runner._open(config)
         runner.records = runner._load_records()
@@ -367,7 +372,11 @@ class StudyRunner:
         return self.record(step="locality", **key, seconds=round(time.time() - start, 1), **metrics)
 
     def _keep_items(self, name: str, part: str, source: Path) -> None:
-        """Merge the per-item values of ``source`` into ``items/<name>.json`` under ``part``."""
+        """Merge the per-item values of ``source`` into ``items/<name>.json`` under ``part`` (in a worker: later,
+        by the parent)."""
+        if self.written is not None:
+            self.kept_items.append((name, part, str(source)))
+            return
         target = self._items(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(target.read_text()) if target.is_file() else {}
@@ -598,7 +607,7 @@ class StudyRunner:
                 for future in ended:
                     task = running.pop(future)
                     try:
-                        written = future.result()
+                        written, kept_items = future.result()
                     except BrokenProcessPool as e:  # every step under way fails with it: name them all
                         error = error or ([task, *running.values()], e)
                         continue
@@ -606,6 +615,8 @@ class StudyRunner:
                         logger.error("study: %s failed: %s", task.name, e)
                         error = error or ([task], e)
                         continue
+                    for name, part, source in kept_items:  # the values first: a record means they are kept
+                        self._keep_items(name, part, Path(source))
                     for fields in written:
                         self.record(**fields)
                     finished.add(task.name)
@@ -664,11 +675,12 @@ class _InProcess:
         return future
 
 
-def _run_task(config: StudyConfig, method: str, kwargs: dict) -> list[dict]:
-    """In a worker process: one step of the study; the records it made (the parent writes them)."""
+def _run_task(config: StudyConfig, method: str, kwargs: dict) -> tuple[list[dict], list[tuple[str, str, str]]]:
+    """In a worker process: one step of the study; the records it made and its per-item merges (the parent makes
+    both)."""
     runner = StudyRunner.worker(config)
     getattr(runner, method)(**kwargs)
-    return runner.written
+    return runner.written, runner.kept_items
 
 
 def default_processes() -> int:
