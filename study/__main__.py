@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="objectives also pre-trained and measured on the realistic (harder) phantom")
     run.add_argument("--seg-objectives", nargs="*", default=list(StudyConfig.seg_objectives), choices=OBJECTIVES,
                      help="objectives whose encoders segment (default: %(default)s, the paper's comparison and its "
-                          "floor, for the time budget; each further objective adds about 10 to 12 minutes on 2 cores)")
+                          "floor, for the time budget; each further objective adds about 15 minutes on 2 cores)")
     run.add_argument("--seg-seeds", type=int, default=StudyConfig.seg_seeds,
                      help="how many of --seeds (the first ones) segment; 0: all")
     run.add_argument("--seg-iterations", type=int, default=StudyConfig.seg_iterations,

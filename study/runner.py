@@ -35,7 +35,7 @@ TINY_SEG_SCHEDULE = {"batch_size": 8, "learning_rate": 0.01}
 @dataclass
 class StudyConfig:
     """What the study runs. The defaults are the tiny scale, sized for 100 minutes on 2 idle CPU cores: from scratch
-    they took 66 minutes of wall time, 2 steps at a time (docs/design.md, "The study").
+    they took 83 minutes of wall time, 2 steps at a time (docs/design.md, "The study").
 
     Every objective is pre-trained for ``pretrain_epochs`` on the default (easy) phantom and measured there;
     ``length_objectives`` are also pre-trained for each of ``length_epochs`` (the training-length axis);
@@ -66,7 +66,7 @@ class StudyConfig:
     seg_fractions: Sequence[float] = (0.01, 0.1, 1.0)
     seg_modes: Sequence[str] = ("frozen", "finetune")
     seg_seeds: int | None = 3
-    seg_iterations: int = 350
+    seg_iterations: int = 500
     seg_curve_epochs: int = 12
     seg_curve_epoch_length: int = 50
     seg_batch_size: int | None = None  # None: the overlay's batch_size, else TINY_SEG_SCHEDULE's
