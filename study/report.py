@@ -178,6 +178,28 @@ def segmentation_tables(records: Sequence[dict], items: dict, seeds: Sequence[in
     return dice, "\n".join(lines), found
 
 
+def dice_by_class_table(records: Sequence[dict]) -> str:
+    """Test Dice of each class at the largest label fraction, mean ± std over seeds, a row per objective and mode:
+    where a difference in the mean Dice comes from. A class no test image of a run holds (None) is left out of
+    that run's figure."""
+    seg = [r for r in records if r.get("step") == "segmentation" and r.get("test_dice_per_class")]
+    if not seg:
+        return ""
+    fraction = max(r["fraction"] for r in seg)
+    seg = [r for r in seg if r["fraction"] == fraction]
+    classes = list(dict.fromkeys(k for r in seg for k in r["test_dice_per_class"]))
+    modes = [m for m in ("frozen", "finetune") if any(r["mode"] == m for r in seg)]
+    lines = [f"| objective ({_pct(fraction)} of the labels) | " + " | ".join(classes) + " |",
+             "| --- |" + " ---: |" * len(classes)]  # fmt: skip
+    for m in modes:
+        for o in _objectives(seg):
+            runs = [r for r in seg if r["objective"] == o and r["mode"] == m]
+            if runs:
+                cells = [_fmt(*_ms(r["test_dice_per_class"].get(c) for r in runs)) for c in classes]
+                lines.append(f"| {LABELS[o]}, {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _pct(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
@@ -209,8 +231,8 @@ def length_table(items: dict, records: Sequence[dict], seeds: Sequence[int]) -> 
 
 def summary_tables(records: Sequence[dict], items: dict | None = None) -> dict[str, str]:
     """Markdown tables: ``measures`` and ``differences`` (default phantom, main length), ``cnr_by_category``,
-    ``lengths``, ``hard_measures`` and ``hard_differences`` (realistic phantom), ``dice`` and ``dice_differences``,
-    ``seg_curve``; and the differences found (``found``, for the text)."""
+    ``lengths``, ``hard_measures`` and ``hard_differences`` (realistic phantom), ``dice``, ``dice_differences``,
+    ``dice_by_class`` and ``seg_curve``; and the differences found (``found``, for the text)."""
     items = items or {}
     epochs, phantom = _setting(records)
     seeds = _seeds(records)
@@ -238,6 +260,7 @@ def summary_tables(records: Sequence[dict], items: dict | None = None) -> dict[s
         out["hard_measures"] = measures_table(items, hard_objs, seeds, "realistic", epochs)
         out["hard_differences"], out["found_hard"] = differences_table(items, hard_objs, seeds, "realistic", epochs)
     out["dice"], out["dice_differences"], out["found_dice"] = segmentation_tables(records, items, seeds)
+    out["dice_by_class"] = dice_by_class_table(records)
     curve = next((r for r in records if r.get("step") == "seg_curve"), None)
     if curve:
         classes = list(curve["curve"][0].get("per_class", {})) if curve["curve"] else []
@@ -724,6 +747,9 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
     if tables.get("dice"):
         text += ["## Segmentation test Dice by label fraction", "", tables["dice"], "",
                  "ELVIS minus each baseline:", "", tables["dice_differences"], ""]  # fmt: skip
+        if tables.get("dice_by_class"):
+            text += ["Test Dice of each class at the largest label fraction, mean ± std over seeds (where the "
+                     "differences come from):", "", tables["dice_by_class"], ""]  # fmt: skip
     if tables.get("seg_curve"):
         text += ["## The segmentation schedule", "", "Validation Dice of a model trained from scratch on every label, "
                  "in all and of each class, after each epoch of its run, at the batch size and constant learning rate "

@@ -637,3 +637,26 @@ def test_a_script_without_a_main_guard_gets_an_error_and_stdin_runs_in_process(t
     res = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "['a', 'b', 'session']" in res.stdout, res.stderr[-2000:]
     assert "read from stdin" in res.stderr
+
+
+def test_dice_by_class_is_each_class_mean_over_seeds_at_the_largest_fraction():
+    sys.path.insert(0, str(ROOT))
+    from study.report import dice_by_class_table
+
+    def run(objective, seed, mode, fraction, nodule, effusion):
+        return {"step": "segmentation", "objective": objective, "seed": seed, "mode": mode, "fraction": fraction,
+                "test_mean_dice": 0.0, "test_dice_per_class": {"nodule": nodule, "effusion": effusion}}  # fmt: skip
+
+    records = [run("elvis", 0, "finetune", 1.0, 0.2, 0.8), run("elvis", 1, "finetune", 1.0, 0.4, None),
+               run("random", 0, "finetune", 1.0, 0.5, 0.7), run("random", 1, "finetune", 1.0, 0.7, 0.9),
+               run("elvis", 0, "frozen", 1.0, 0.1, 0.6), run("elvis", 0, "finetune", 0.1, 0.0, 0.0)]  # fmt: skip
+    # elvis finetune nodule: 0.2, 0.4 -> 0.300 ± 0.141 (sample std sqrt(0.02)); effusion: 0.8 alone (None skipped);
+    # random nodule 0.5, 0.7 -> 0.600 ± 0.141, effusion 0.7, 0.9 -> 0.800 ± 0.141; the 10% run is not in the table
+    assert dice_by_class_table(records).splitlines() == [
+        "| objective (100% of the labels) | nodule | effusion |",
+        "| --- | ---: | ---: |",
+        "| ELVIS (intra-modal), frozen | 0.100 (1 seed) | 0.600 (1 seed) |",
+        "| ELVIS (intra-modal), finetune | 0.300 ± 0.141 | 0.800 (1 seed) |",
+        "| random init, finetune | 0.600 ± 0.141 | 0.800 ± 0.141 |",
+    ]
+    assert dice_by_class_table([{"step": "seg_curve", "curve": []}]) == ""  # no segmentation run, no table
