@@ -182,11 +182,13 @@ def dice_by_class_table(records: Sequence[dict]) -> str:
     """Test Dice of each class at the largest label fraction, mean ± std over seeds, a row per objective and mode:
     where a difference in the mean Dice comes from. A class no test image of a run holds (None) is left out of
     that run's figure."""
-    seg = [r for r in records if r.get("step") == "segmentation" and r.get("test_dice_per_class")]
+    seg = [r for r in records if r.get("step") == "segmentation"]
     if not seg:
         return ""
     fraction = max(r["fraction"] for r in seg)
-    seg = [r for r in seg if r["fraction"] == fraction]
+    seg = [r for r in seg if r["fraction"] == fraction and r.get("test_dice_per_class")]
+    if not seg:
+        return ""
     classes = list(dict.fromkeys(k for r in seg for k in r["test_dice_per_class"]))
     modes = [m for m in ("frozen", "finetune") if any(r["mode"] == m for r in seg)]
     lines = [f"| objective ({_pct(fraction)} of the labels) | " + " | ".join(classes) + " |",
@@ -748,8 +750,8 @@ def write_report(records: Sequence[dict], out_dir: str | Path, work_dir: str | P
         text += ["## Segmentation test Dice by label fraction", "", tables["dice"], "",
                  "ELVIS minus each baseline:", "", tables["dice_differences"], ""]  # fmt: skip
         if tables.get("dice_by_class"):
-            text += ["Test Dice of each class at the largest label fraction, mean ± std over seeds (where the "
-                     "differences come from):", "", tables["dice_by_class"], ""]  # fmt: skip
+            text += ["Test Dice of each class at the largest label fraction, mean ± std over seeds (by class; "
+                     "no interval):", "", tables["dice_by_class"], ""]  # fmt: skip
     if tables.get("seg_curve"):
         text += ["## The segmentation schedule", "", "Validation Dice of a model trained from scratch on every label, "
                  "in all and of each class, after each epoch of its run, at the batch size and constant learning rate "

@@ -647,16 +647,20 @@ def test_dice_by_class_is_each_class_mean_over_seeds_at_the_largest_fraction():
         return {"step": "segmentation", "objective": objective, "seed": seed, "mode": mode, "fraction": fraction,
                 "test_mean_dice": 0.0, "test_dice_per_class": {"nodule": nodule, "effusion": effusion}}  # fmt: skip
 
-    records = [run("elvis", 0, "finetune", 1.0, 0.2, 0.8), run("elvis", 1, "finetune", 1.0, 0.4, None),
-               run("random", 0, "finetune", 1.0, 0.5, 0.7), run("random", 1, "finetune", 1.0, 0.7, 0.9),
+    records = [run("random", 0, "finetune", 1.0, 0.5, 0.7), run("random", 1, "finetune", 1.0, 0.7, 0.8),
+               run("elvis", 0, "finetune", 1.0, 0.2, 0.8), run("elvis", 1, "finetune", 1.0, 0.4, None),
                run("elvis", 0, "frozen", 1.0, 0.1, 0.6), run("elvis", 0, "finetune", 0.1, 0.0, 0.0)]  # fmt: skip
     # elvis finetune nodule: 0.2, 0.4 -> 0.300 ± 0.141 (sample std sqrt(0.02)); effusion: 0.8 alone (None skipped);
-    # random nodule 0.5, 0.7 -> 0.600 ± 0.141, effusion 0.7, 0.9 -> 0.800 ± 0.141; the 10% run is not in the table
+    # random nodule 0.5, 0.7 -> 0.600 ± 0.141, effusion 0.7, 0.8 -> 0.750 ± 0.071; the 10% run is not in the table;
+    # rows in the usual objective order (ELVIS first), frozen before fine-tuned
     assert dice_by_class_table(records).splitlines() == [
         "| objective (100% of the labels) | nodule | effusion |",
         "| --- | ---: | ---: |",
         "| ELVIS (intra-modal), frozen | 0.100 (1 seed) | 0.600 (1 seed) |",
         "| ELVIS (intra-modal), finetune | 0.300 ± 0.141 | 0.800 (1 seed) |",
-        "| random init, finetune | 0.600 ± 0.141 | 0.800 ± 0.141 |",
+        "| random init, finetune | 0.600 ± 0.141 | 0.750 ± 0.071 |",
     ]
+    # the largest fraction's runs without per-class values: no table, not a smaller fraction's
+    bare = [dict(r, test_dice_per_class=None) if r["fraction"] == 1.0 else r for r in records]
+    assert dice_by_class_table(bare) == ""
     assert dice_by_class_table([{"step": "seg_curve", "curve": []}]) == ""  # no segmentation run, no table
