@@ -179,13 +179,11 @@ def segmentation_tables(records: Sequence[dict], items: dict, seeds: Sequence[in
 
 
 def dice_by_class_table(records: Sequence[dict]) -> str:
-    """Test Dice of each class at the largest label fraction, mean ± std over seeds, a row per objective and mode:
-    where a difference in the mean Dice comes from. A class no test image of a run holds (None) is left out of
-    that run's figure."""
+    """Test Dice of each class at the largest label fraction, mean ± std over seeds, a row per objective and mode
+    (no interval; ``""`` when those runs have no per-class values). A class no test image of a run holds (None) is
+    left out of that run's figure."""
     seg = [r for r in records if r.get("step") == "segmentation"]
-    if not seg:
-        return ""
-    fraction = max(r["fraction"] for r in seg)
+    fraction = max((r["fraction"] for r in seg), default=None)
     seg = [r for r in seg if r["fraction"] == fraction and r.get("test_dice_per_class")]
     if not seg:
         return ""
